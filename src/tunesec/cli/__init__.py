@@ -1,0 +1,1 @@
+"""tunesec.cli."""

@@ -1,0 +1,94 @@
+"""The ``tunesec`` command line. Thin: parse, call the Python API, print.
+
+Heavy modules (torch, transformers) are imported inside commands, so ``tunesec --help`` stays fast.
+Bad input raises :class:`tunesec.errors.UsageError`: one line on stderr, exit code 2, no traceback unless
+``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+import typer
+
+from tunesec import __version__
+from tunesec.cli import common, models_cmd
+from tunesec.errors import UsageError
+
+app = typer.Typer(
+    name="tunesec",
+    help="A security lab for the fine-tuning lifecycle of LLMs: audit, attack, defend, evaluate, certify.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tunesec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """tunesec: fine-tuning security lab."""
+
+
+app.add_typer(models_cmd.models_app, name="models")
+app.command("generate")(models_cmd.generate)
+app.command("list")(common.list_components)
+
+
+def _register_optional(module: str) -> None:
+    """Add the commands of a CLI module (each exposes ``register(app)``); importing it must stay cheap."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return
+    importlib.import_module(module).register(app)
+
+
+for _module in (
+    "tunesec.cli.evaluate",
+    "tunesec.cli.attack",
+    "tunesec.cli.certify",
+):
+    _register_optional(_module)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tunesec`` console script; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("TUNESEC_DEBUG") == "1"
+    try:
+        result = app(args=args, prog_name="tunesec", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        common.err_console.print("aborted")
+        return 130
+    except UsageError as exc:
+        if debug:
+            traceback.print_exc()
+        common.err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        common.err_console.print("interrupted")
+        return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
