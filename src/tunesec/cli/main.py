@@ -13,6 +13,7 @@ import traceback
 
 import click
 import typer
+from rich.markup import escape
 
 from tunesec import __version__
 from tunesec.cli import common, models_cmd
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         if debug:
             traceback.print_exc()
-        common.err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        common.err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         common.err_console.print("interrupted")

@@ -29,7 +29,9 @@ def models_list() -> None:
 
 
 @models_app.command("pull")
-def models_pull(alias: str = typer.Argument(..., help="Alias to materialise in the cache, e.g. smollm2-135m.")) -> None:
+def models_pull(
+    alias: str = typer.Argument(..., help="Alias to materialise in the cache, e.g. smollm2-135m."),
+) -> None:
     """Prepare an alias in the cache (convert the embedded GGUF to safetensors once)."""
     from tunesec.models.loading import resolve_alias
     from tunesec.models.ref import ModelRef
@@ -103,7 +105,10 @@ def _read_prompts(path: Path) -> list[list[dict[str, str]] | str]:
                 msgs = [m for m in obj["messages"] if m.get("role") != "assistant"]
                 prompts.append([{"role": str(m["role"]), "content": str(m["content"])} for m in msgs])
                 continue
-            key = next((k for k in ("prompt", "goal", "instruction", "text") if isinstance(obj, dict) and k in obj), None)
+            key = next(
+                (k for k in ("prompt", "goal", "instruction", "text") if isinstance(obj, dict) and k in obj),
+                None,
+            )
             if key is None:
                 raise UsageError(f"{path} line {n}: expected a 'prompt' (or goal/instruction/text) or 'messages' field")
             prompts.append(str(obj[key]))
@@ -113,9 +118,13 @@ def _read_prompts(path: Path) -> list[list[dict[str, str]] | str]:
 
 
 def generate(
-    model: str = typer.Argument(..., help="Alias, local directory, .gguf file, adapter directory, hub id, openai:NAME."),
+    model: str = typer.Argument(
+        ..., help="Alias, local directory, .gguf file, adapter directory, hub id, openai:NAME."
+    ),
     prompt: list[str] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
-    file: Path = typer.Option(None, "--file", "-f", help="Prompts: .txt (one per line) or .jsonl (prompt or messages)."),
+    file: Path = typer.Option(
+        None, "--file", "-f", help="Prompts: .txt (one per line) or .jsonl (prompt or messages)."
+    ),
     out: Path = typer.Option(None, "--out", "-o", help="Write JSONL results here (must not exist)."),
     max_new_tokens: int = typer.Option(256, help="Tokens to generate at most."),
     batch_size: str = typer.Option("auto", help="Prompts per batch, or 'auto'."),
@@ -141,8 +150,15 @@ def generate(
     bs: int | str = batch_size if batch_size == "auto" else _int_option("--batch-size", batch_size)
     cfg = validate(
         GenerationConfig,
-        {"max_new_tokens": max_new_tokens, "batch_size": bs, "system_prompt": system, "do_sample": sample,
-         "temperature": temperature, "top_p": top_p, "seed": seed},
+        {
+            "max_new_tokens": max_new_tokens,
+            "batch_size": bs,
+            "system_prompt": system,
+            "do_sample": sample,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        },
         "generate options",
     )
     gen = get_generator(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -151,7 +167,8 @@ def generate(
         from tunesec.store.atomic import write_new_file
 
         lines = [
-            json.dumps({"prompt": p, **r.model_dump()}, ensure_ascii=False) for p, r in zip(prompts, results, strict=True)
+            json.dumps({"prompt": p, **r.model_dump()}, ensure_ascii=False)
+            for p, r in zip(prompts, results, strict=True)
         ]
         write_new_file(out, ("\n".join(lines) + "\n").encode("utf-8"))
         err_console.print(f"wrote {len(results)} generations to {out}")
@@ -159,7 +176,7 @@ def generate(
     for p, r in zip(prompts, results, strict=True):
         shown = p if isinstance(p, str) else p[-1]["content"]
         console.rule(style="dim")
-        console.print(f"[bold]> {shown}[/]", markup=True, highlight=False)
+        console.print(f"> {shown}", style="bold", markup=False, highlight=False)
         console.print(r.text, markup=False, highlight=False)
         console.print(f"[dim]{r.completion_tokens} tokens, {r.finish_reason}, {r.seconds:.1f}s[/]")
 

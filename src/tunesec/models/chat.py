@@ -80,11 +80,6 @@ class ChatFormatter:
         except TemplateError as err:
             raise UsageError(f"chat template: {err}") from None
 
-    def adds_bos(self) -> bool:
-        """Whether the rendered text already starts with the BOS token (so tokenising must not add another)."""
-        bos = getattr(self.tokenizer, "bos_token", None)
-        return bool(bos) and self.render([{"role": "user", "content": "x"}]).startswith(bos)
-
     def encode(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat (special tokens in the text are parsed, none added twice)."""
         text = self.render(messages, add_generation_prompt)

@@ -55,7 +55,7 @@ class OpenAIChatGenerator:
         results: list[Generation] = []
         with httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout) as client:
             with make_progress(enabled=progress) as bar:
-                task = bar.add_task(f"generate [{self.name}]", total=len(prompts), info="")
+                task = bar.add_task(f"generate {self.name}", total=len(prompts), info="")
 
                 def one(prompt: Prompt) -> Generation:
                     gen = self._request(client, prompt, cfg)
@@ -96,11 +96,11 @@ class OpenAIChatGenerator:
                     delay *= 2
                     continue
             if resp.status_code in (401, 403):
-                raise UsageError(f"model {self.name}: endpoint refused the key in {self.ref.api_key_env} "
-                                 f"(HTTP {resp.status_code})")
+                raise UsageError(
+                    f"model {self.name}: endpoint refused the key in {self.ref.api_key_env} (HTTP {resp.status_code})"
+                )
             if resp.status_code >= 400:
-                raise UsageError(f"model {self.name}: endpoint answered HTTP {resp.status_code}: "
-                                 f"{resp.text[:200]}")
+                raise UsageError(f"model {self.name}: endpoint answered HTTP {resp.status_code}: {resp.text[:200]}")
             data = resp.json()
             choice = data["choices"][0]
             usage = data.get("usage") or {}
@@ -112,4 +112,3 @@ class OpenAIChatGenerator:
                 seconds=round(time.perf_counter() - t0, 4),
             )
         return Generation(text="", finish_reason="error", seconds=time.perf_counter() - t0)
-

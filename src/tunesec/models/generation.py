@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from rich.markup import escape
+
 from tunesec.models.chat import ChatFormatter
 from tunesec.models.loading import LoadedModel
 from tunesec.models.types import Generation, GenerationConfig, Prompt, as_chat
@@ -69,7 +71,7 @@ class HFGenerator:
         results: list[Generation | None] = [None] * len(encoded)
         batch_size = self._batch_size(cfg, max(len(e) for e in encoded))
         with make_progress(enabled=progress) as bar:
-            task = bar.add_task(f"generate [{self.name}]", total=len(encoded), info="0 tok")
+            task = bar.add_task(f"generate {escape(self.name)}", total=len(encoded), info="0 tok")
             start = 0
             generated = 0
             while start < len(order):

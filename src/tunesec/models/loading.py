@@ -57,8 +57,7 @@ def load_model(
     if ref.is_endpoint:
         raise UsageError(f"model {ref.base!r}: an API endpoint has no weights to load; use it for evaluation only")
     resolved = resolve_alias(ref)
-    model, tokenizer = _load_base(resolved, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                                  dtype=dtype)
+    model, tokenizer = _load_base(resolved, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype)
     if resolved.adapter is not None:
         model = _attach_adapter(model, Path(resolved.adapter), resolved, allow_pickle=allow_pickle)
     _prepare_tokenizer(tokenizer)
@@ -134,7 +133,7 @@ def _load_base(ref: ModelRef, *, allow_pickle: bool, trust_remote_code: bool, dt
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "use_safetensors"})
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise UsageError(f"{source}: cannot load model: {_first_line(err)}") from None
     return model, tokenizer
 

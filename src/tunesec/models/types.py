@@ -22,8 +22,11 @@ class GenerationConfig(Config):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0 = all; with do_sample).")
-    seed: int = Field(0, description="Seed for sampling; each prompt gets its own stream, so results "
-                      "do not depend on batch composition.")
+    seed: int = Field(
+        0,
+        description="Seed for sampling; each prompt gets its own stream, so results "
+        "do not depend on batch composition.",
+    )
     batch_size: int | Literal["auto"] = Field("auto", description="Prompts per batch, or 'auto' (fit memory).")
     system_prompt: str | None = Field(None, description="System prompt prepended when a chat has none.")
 

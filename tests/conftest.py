@@ -1,0 +1,30 @@
+"""Shared pytest setup: offline hubs, an isolated cache, and the path of the public datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The read-only public datasets beside the checkout (../shared/data); skips where absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"public datasets not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny random Llama model with a byte-level BPE tokenizer and a ChatML template."""
+    from tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama") / "model", arch="llama")

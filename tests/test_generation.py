@@ -1,0 +1,128 @@
+"""The batched engine must reproduce one-prompt-at-a-time greedy decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny import make_model, make_tokenizer
+from tunesec.models import GenerationConfig
+from tunesec.models.chat import ChatFormatter
+from tunesec.models.generation import HFGenerator
+from tunesec.models.loading import LoadedModel
+from tunesec.models.ref import ModelRef
+
+PROMPTS = [
+    "hello",
+    "Write a poem about the sea and the sky.",
+    "How do I kill a Python process?",
+    "What is the capital of France?",
+    "Explain photosynthesis to a child in two short sentences, please.",
+    "0 1 2 3",
+    "The quick brown fox",
+    "I'm sorry",
+    "Sure, here is how to bake bread",
+    "system user assistant",
+    "Paris",
+    "Tell me about the lazy dog and the fox and the sea and the bread and the poem.",
+]
+NEAR_TIE = 1e-3
+
+
+def _loaded(arch: str) -> LoadedModel:
+    tok = make_tokenizer()
+    tok.padding_side = "left"
+    return LoadedModel(ref=ModelRef(base=f"tiny-{arch}"), model=make_model(tok, arch=arch), tokenizer=tok)
+
+
+def _reference(lm: LoadedModel, prompt: str, max_new: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Plain one-prompt greedy loop without a cache: the ground truth, with each step's logits."""
+    ids = ChatFormatter(lm.tokenizer).encode([{"role": "user", "content": prompt}])
+    eos = lm.tokenizer.eos_token_id
+    out: list[int] = []
+    steps: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for _ in range(max_new):
+            logits = lm.model(torch.tensor([ids + out])).logits[0, -1]
+            steps.append(logits)
+            tok = int(logits.argmax())
+            if tok == eos:
+                break
+            out.append(tok)
+    return out, steps
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_batched_greedy_matches_sequential(arch: str) -> None:
+    lm = _loaded(arch)
+    engine = HFGenerator(lm)
+    max_new = 24
+    batched = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=max_new, batch_size=5), progress=False)
+    differing = 0
+    for prompt, gen in zip(PROMPTS, batched, strict=True):
+        ref_tokens, ref_logits = _reference(lm, prompt, max_new)
+        got = lm.tokenizer(gen.text, add_special_tokens=False)["input_ids"] if gen.text else []
+        ref_text = lm.tokenizer.decode(ref_tokens, skip_special_tokens=True)
+        if gen.text == ref_text:
+            assert gen.completion_tokens == len(ref_tokens) + (1 if gen.finish_reason == "stop" else 0)
+            continue
+        differing += 1
+        # The only admissible difference is a flip between two near-tied tokens at the first divergence.
+        k = next(i for i, (a, b) in enumerate(zip(got, ref_tokens, strict=False)) if a != b)
+        top2 = torch.topk(ref_logits[k], 2).values
+        assert float(top2[0] - top2[1]) < NEAR_TIE, f"{prompt!r}: diverged at step {k} without a near-tie"
+    print(f"{arch}: {differing} of {len(PROMPTS)} outputs differ (near-ties)")
+    assert differing <= len(PROMPTS) // 4
+
+
+def test_first_step_logits_match_within_fp32_tolerance() -> None:
+    lm = _loaded("llama")
+    engine = HFGenerator(lm)
+    cfg = GenerationConfig()
+    encoded = engine.encode(PROMPTS, cfg)
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), engine.pad_id)
+    mask = torch.zeros_like(ids)
+    for r, e in enumerate(encoded):
+        ids[r, width - len(e) :] = torch.tensor(e)
+        mask[r, width - len(e) :] = 1
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        batched = engine._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), DynamicCache())
+        for r, e in enumerate(encoded):
+            single = lm.model(torch.tensor([e])).logits[0, -1]
+            torch.testing.assert_close(batched[r], single, atol=1e-4, rtol=1e-4)
+
+
+def test_outputs_keep_prompt_order_and_stop_at_eos() -> None:
+    lm = _loaded("llama")
+    engine = HFGenerator(lm)
+    out = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=8, batch_size=3), progress=False)
+    assert len(out) == len(PROMPTS)
+    one = [engine.generate([p], GenerationConfig(max_new_tokens=8), progress=False)[0] for p in PROMPTS[:3]]
+    for a, b in zip(out[:3], one, strict=True):
+        assert a.prompt_tokens == b.prompt_tokens
+    for g in out:
+        assert g.finish_reason in ("stop", "length")
+        assert g.completion_tokens <= 8
+        if g.finish_reason == "length":
+            assert g.completion_tokens == 8
+
+
+def test_sampling_is_seeded_per_prompt_not_per_batch() -> None:
+    lm = _loaded("llama")
+    engine = HFGenerator(lm)
+    cfg = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.5, seed=7, batch_size=4)
+    a = engine.generate(PROMPTS[:6], cfg, progress=False)
+    b = engine.generate(PROMPTS[:6], cfg.model_copy(update={"batch_size": 1}), progress=False)
+    assert [g.text for g in a] == [g.text for g in b]
+    c = engine.generate(PROMPTS[:6], cfg.model_copy(update={"seed": 8}), progress=False)
+    assert [g.text for g in a] != [g.text for g in c]
+
+
+def test_auto_batch_size_is_bounded() -> None:
+    lm = _loaded("llama")
+    engine = HFGenerator(lm, max_batch_size=16)
+    size = engine._batch_size(GenerationConfig(), max_prompt_len=50)
+    assert 1 <= size <= 16
