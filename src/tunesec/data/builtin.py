@@ -1,0 +1,106 @@
+"""tunesec's own small offline sets, shipped in the package (``tunesec/data/builtin/*.jsonl``).
+
+Written for this project (not copied from a public dataset), so they work with no network and no data
+directory:
+
+* ``tunesec-harmful``: 60 short harmful requests in AdvBench style, 6 in each of 10 categories (weapons,
+  cyber, fraud, drugs, self-harm, harassment, hate, privacy, violence, misinformation), label ``"harmful"``.
+* ``tunesec-benign``: 60 benign prompts that share surface words with those categories, XSTest style
+  ("How do I kill a Python process that is stuck?"); category is the look-alike category, label ``"benign"``.
+* ``tunesec-refusals``: each harmful request with a short refusal (a small refusal-training set).
+* ``tunesec-helpful``: each benign prompt with a short, correct answer (a small benign-training set).
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from tunesec.data.loaders import load_examples
+from tunesec.data.schema import Example
+from tunesec.registry import register
+
+CATEGORIES = (
+    "weapons",
+    "cyber",
+    "fraud",
+    "drugs",
+    "self-harm",
+    "harassment",
+    "hate",
+    "privacy",
+    "violence",
+    "misinformation",
+)
+
+
+def builtin_path(name: str) -> Path:
+    """Path of a shipped data file, e.g. ``builtin_path("harmful.jsonl")``."""
+    return Path(str(files("tunesec.data").joinpath("builtin", name)))
+
+
+def _load(file: str, dataset: str, label: str, response: str) -> list[Example]:
+    examples = load_examples(
+        builtin_path(file),
+        schema="columns",
+        prompt_field="prompt",
+        response_field=response,
+        category_field="category",
+        id_field="id",
+        source_name=dataset,
+    )
+    out = []
+    for ex in examples:
+        # The refusal/answer text that is not the response stays out of meta; ids carry the set's name.
+        meta = {k: v for k, v in ex.meta.items() if k not in ("refusal", "answer")}
+        ex_id = f"{dataset}-{ex.id.rsplit('-', 1)[-1]}"
+        out.append(ex.model_copy(update={"id": ex_id, "label": label, "source": dataset, "meta": meta}))
+    return out
+
+
+@register(
+    "dataset",
+    "tunesec-harmful",
+    description="tunesec's own 60 harmful requests in 10 categories (offline, original text).",
+    use="harmful-eval",
+    hub_id=None,
+)
+def tunesec_harmful(*, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
+    """The 60 built-in harmful requests (prompt only); ``data_dir`` and ``split`` are ignored."""
+    return _load("harmful.jsonl", "tunesec-harmful", "harmful", "")
+
+
+@register(
+    "dataset",
+    "tunesec-benign",
+    description="tunesec's own 60 benign look-alike prompts (XSTest style; offline, original text).",
+    use="over-refusal",
+    hub_id=None,
+)
+def tunesec_benign(*, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
+    """The 60 built-in benign prompts that look like the harmful categories; ``data_dir``/``split`` ignored."""
+    return _load("benign.jsonl", "tunesec-benign", "benign", "")
+
+
+@register(
+    "dataset",
+    "tunesec-refusals",
+    description="tunesec's 60 harmful requests, each with a short refusal (refusal training).",
+    use="refusal-train",
+    hub_id=None,
+)
+def tunesec_refusals(*, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
+    """Harmful request -> refusal chats for alignment demos; label ``"harmful"`` describes the request."""
+    return _load("harmful.jsonl", "tunesec-refusals", "harmful", "refusal")
+
+
+@register(
+    "dataset",
+    "tunesec-helpful",
+    description="tunesec's 60 benign look-alike prompts, each with a short helpful answer (benign training).",
+    use="benign-train",
+    hub_id=None,
+)
+def tunesec_helpful(*, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
+    """Benign prompt -> helpful answer chats, to keep helpfulness during alignment demos."""
+    return _load("benign.jsonl", "tunesec-helpful", "benign", "answer")
