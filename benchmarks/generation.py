@@ -1,0 +1,139 @@
+"""Generation throughput: the batched engine vs the one-prompt-at-a-time HF loop research repos use.
+
+Same model, same 64 prompts, greedy, same max_new_tokens. Reports tokens/s of each, the speed-up, how many
+outputs are identical, and the machine's measured fp32 matmul GFLOP/s, which gives a compute bound of
+GFLOP/s / (2 x parameters) tokens/s. Prints a table and appends it to BENCHMARKS.md with the date and machine.
+
+    python benchmarks/generation.py [--model smollm2-135m] [--n 64] [--max-new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from tunesec.models import GenerationConfig, load_model
+from tunesec.models.chat import ChatFormatter
+from tunesec.models.generation import HFGenerator
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def prompts(n: int) -> list[str]:
+    """A mix of benign (Alpaca) and harmful (AdvBench) requests of varied length, as an evaluation sees."""
+    import csv
+    import json
+
+    out: list[str] = []
+    alpaca = DATA / "alpaca" / "alpaca_200.json"
+    adv = DATA / "advbench" / "harmful_behaviors.csv"
+    if alpaca.is_file() and adv.is_file():
+        rows = json.loads(alpaca.read_text())
+        with open(adv, newline="") as fh:
+            goals = [r["goal"] for r in csv.DictReader(fh)]
+        for i in range(n):
+            if i % 2 == 0:
+                r = rows[i]
+                out.append(r["instruction"] + ("\n\n" + r["input"] if r["input"] else ""))
+            else:
+                out.append(goals[i])
+        return out
+    return [f"Write a short note number {i} about {w}." for i, w in enumerate(["cats", "rain", "tea", "maps"] * n)][:n]
+
+
+def matmul_gflops(size: int = 1024, reps: int = 30) -> float:
+    """Measured fp32 matmul rate of this machine (the best of three timings)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 * reps / best / 1e9
+
+
+def hf_loop(lm, texts: list[str], max_new: int) -> tuple[list[str], int, float]:
+    """The common research loop: one prompt at a time through model.generate."""
+    fmt = ChatFormatter(lm.tokenizer)
+    outs, tokens = [], 0
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for p in texts:
+            ids = torch.tensor([fmt.encode([{"role": "user", "content": p}])])
+            gen = lm.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                pad_token_id=lm.tokenizer.pad_token_id,
+            )
+            new = gen[0, ids.shape[1]:].tolist()
+            tokens += len(new)
+            outs.append(lm.tokenizer.decode(new, skip_special_tokens=True))
+    return outs, tokens, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", default="auto")
+    ap.add_argument("--no-write", action="store_true", help="Do not append to BENCHMARKS.md.")
+    args = ap.parse_args()
+
+    lm = load_model(args.model)
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    texts = prompts(args.n)
+    gflops = matmul_gflops()
+    bound = gflops * 1e9 / (2 * n_params)
+
+    engine = HFGenerator(lm)
+    bs = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=bs)
+    engine.generate(texts[:2], cfg.model_copy(update={"max_new_tokens": 4}), progress=False)  # warm-up
+    t = time.perf_counter()
+    gens = engine.generate(texts, cfg, progress=False)
+    eng_s = time.perf_counter() - t
+    # count generated tokens as the loop does (EOS included) for a like-for-like rate
+    eng_tokens = sum(g.completion_tokens for g in gens)
+
+    loop_texts, loop_tokens, loop_s = hf_loop(lm, texts, args.max_new_tokens)
+    identical = sum(a == b.text for a, b in zip(loop_texts, gens, strict=True))
+
+    eng_rate, loop_rate = eng_tokens / eng_s, loop_tokens / loop_s
+    rows = [
+        ("model", f"{args.model} ({n_params / 1e6:.1f}M params)"),
+        ("prompts x max_new_tokens", f"{args.n} x {args.max_new_tokens} (greedy)"),
+        ("HF loop, one prompt at a time", f"{loop_rate:.1f} tok/s ({loop_tokens} tok in {loop_s:.1f} s)"),
+        ("tunesec engine (batch " + str(args.batch_size) + ")", f"{eng_rate:.1f} tok/s ({eng_tokens} tok in {eng_s:.1f} s)"),
+        ("speed-up", f"{eng_rate / loop_rate:.1f}x (target >= 10x)"),
+        ("identical outputs", f"{identical} / {args.n}"),
+        ("fp32 matmul", f"{gflops:.0f} GFLOP/s"),
+        ("compute bound (GFLOP/s / 2N)", f"{bound:.0f} tok/s"),
+        ("engine / compute bound", f"{100 * eng_rate / bound:.0f}% (target >= 60%)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    table = "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+    if not args.no_write:
+        machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        bench = ROOT / "BENCHMARKS.md"
+        head = "" if bench.exists() else "# Benchmarks\n\nMeasured by the scripts in benchmarks/; each run appends a section.\n"
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        with open(bench, "a", encoding="utf-8") as fh:
+            fh.write(f"{head}\n## Generation — {stamp} — {machine}\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
+        print(f"appended to {bench}")
+
+
+if __name__ == "__main__":
+    main()
