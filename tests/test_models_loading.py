@@ -151,3 +151,21 @@ def test_cached_conversion_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert convert_gguf_to_safetensors(gguf_path, tmp_path / "cache" / "m") == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     shutil.rmtree(out)
+
+
+def test_fingerprint_changes_when_a_weight_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from tunesec.models.fingerprint import fingerprint
+
+    monkeypatch.setenv("TUNESEC_HOME", str(tmp_path / "home"))
+    d = save_tiny(tmp_path / "m")
+    ref = ModelRef.parse(str(d))
+    first = fingerprint(ref)["weights_sha256"]
+    assert fingerprint(ref)["weights_sha256"] == first  # cached, same answer
+    state = load_file(str(d / "model.safetensors"))
+    key = next(iter(state))
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] += 1.0
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    assert fingerprint(ref)["weights_sha256"] != first

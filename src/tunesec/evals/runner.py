@@ -326,14 +326,19 @@ def _resolve_generation(
 
 
 def _model_spec(model: Any, generator: Generator | None) -> tuple[dict[str, Any], str]:
+    """The model's ref and weight hashes (what makes results comparable), and a short name for the run dir."""
+    from tunesec.models.fingerprint import fingerprint
     from tunesec.models.ref import ModelRef
 
     if isinstance(model, ModelRef):
-        return {"ref": model.spec()}, model.name
+        return fingerprint(model), model.name
+    loaded_ref = getattr(getattr(generator, "loaded", None), "ref", None)
+    if isinstance(loaded_ref, ModelRef):
+        return {"name": str(model), **fingerprint(loaded_ref)}, loaded_ref.name
     if generator is not None:
         return {"name": str(model), "generator": getattr(generator, "name", type(generator).__name__)}, str(model)
     ref = ModelRef.parse(str(model))
-    return {"ref": ref.spec()}, ref.name
+    return fingerprint(ref), ref.name
 
 
 def _load_generator(model: Any, *, allow_pickle: bool, trust_remote_code: bool) -> Generator:
