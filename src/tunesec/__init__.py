@@ -37,7 +37,29 @@ _API: dict[str, str] = {
     "UsageError": "tunesec.errors",
 }
 
-__all__ = ["__version__", *sorted(_API)]
+__all__ = [
+    "__version__",
+    "EvalReport",
+    "Example",
+    "GenerationConfig",
+    "LoadedModel",
+    "ModelRef",
+    "RunDir",
+    "TrainConfig",
+    "TrainingHook",
+    "UsageError",
+    "attack",
+    "certify",
+    "evaluate",
+    "get_generator",
+    "get_judge",
+    "load_dataset_by_name",
+    "load_examples",
+    "load_model",
+    "register",
+    "registry",
+    "train",
+]
 
 if TYPE_CHECKING:
     from tunesec.data import Example, load_dataset_by_name, load_examples

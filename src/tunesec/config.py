@@ -86,9 +86,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return out
 
 
-def load_config(
-    cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None, **defaults: Any
-) -> C:
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None, **defaults: Any) -> C:
     """Load ``cls`` from optional YAML ``path``, then ``defaults`` keys absent from it, then ``overrides``."""
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     for key, value in defaults.items():

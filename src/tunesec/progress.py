@@ -5,18 +5,18 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
-from rich.text import Text
 from rich.progress import (
     BarColumn,
-    ProgressColumn,
-    Task,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 console = Console(stderr=True)
 
