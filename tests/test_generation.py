@@ -126,3 +126,35 @@ def test_auto_batch_size_is_bounded() -> None:
     engine = HFGenerator(lm, max_batch_size=16)
     size = engine._batch_size(GenerationConfig(), max_prompt_len=50)
     assert 1 <= size <= 16
+
+
+def test_continuous_batching_refills_and_matches_large_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small batch that prompts join as others finish gives the texts of one big batch."""
+    from collections import Counter
+
+    from tunesec.models.generation import _Decoder
+
+    lm = _loaded("llama")
+    engine = HFGenerator(lm)
+    prompts = PROMPTS * 2
+    cfg = GenerationConfig(max_new_tokens=16, batch_size=len(prompts))
+    # Make rows finish at different steps: treat a token the model emits mid-sequence in some rows as EOS.
+    first = engine.generate(prompts, cfg, progress=False)
+    counts = Counter(t for g in first for t in set(lm.tokenizer(g.text, add_special_tokens=False)["input_ids"]))
+    engine.eos_ids = [next(t for t, c in counts.most_common() if c < len(prompts) // 2)]
+    merges: list[int] = []
+    admit = _Decoder._admit
+
+    def spy(self: _Decoder, queue: list[int], logits: torch.Tensor | None) -> torch.Tensor:
+        if self.rows:
+            merges.append(len(self.rows))
+        return admit(self, queue, logits)
+
+    monkeypatch.setattr(_Decoder, "_admit", spy)
+    big = engine.generate(prompts, cfg, progress=False)
+    small = engine.generate(prompts, cfg.model_copy(update={"batch_size": 4}), progress=False)
+    assert merges, "no prompt joined a running batch"
+    assert {g.finish_reason for g in small} == {"stop", "length"}
+    same = sum(a.text == b.text for a, b in zip(big, small, strict=True))
+    assert same >= len(prompts) - 2, f"only {same} of {len(prompts)} identical"
+    assert [(g.prompt_tokens, g.finish_reason) for g in big] == [(g.prompt_tokens, g.finish_reason) for g in small]

@@ -7,7 +7,8 @@ Research code typically loops over prompts one at a time with ``model.generate``
 - left-pads each batch, with explicit position ids, so every row sees exactly the positions it would see
   alone (batched greedy output matches one-at-a-time greedy output up to fp32 near-ties);
 - prefills with logits for the last position only (no ``batch x length x vocab`` tensor);
-- decodes with a KV cache and drops finished rows from the batch, so no compute is spent after EOS;
+- decodes with a KV cache and drops finished rows from the batch, so no compute is spent after EOS, and
+  refills the freed slots with the next prompts (continuous batching), so the batch stays full;
 - picks the batch size from free memory (``batch_size="auto"``) and halves it on out-of-memory;
 - samples, when asked, from one seeded random stream per prompt, so a prompt's output does not depend on
   which other prompts share its batch.
@@ -72,24 +73,25 @@ class HFGenerator:
         batch_size = self._batch_size(cfg, max(len(e) for e in encoded))
         with make_progress(enabled=progress) as bar:
             task = bar.add_task(f"generate {escape(self.name)}", total=len(encoded), info="0 tok")
-            start = 0
             generated = 0
-            while start < len(order):
-                idx = order[start : start + batch_size]
+
+            def finished(i: int, gen: Generation) -> None:
+                nonlocal generated
+                results[i] = gen
+                generated += gen.completion_tokens
+                bar.update(task, advance=1, info=f"{generated} tok")
+
+            pending = list(order)
+            while pending:
                 try:
                     with torch.inference_mode():
-                        outs = self._generate_batch([encoded[i] for i in idx], idx, cfg)
+                        _Decoder(self, encoded, cfg, batch_size).run(pending, finished)
                 except (torch.OutOfMemoryError, RuntimeError) as err:
                     if "out of memory" not in str(err).lower() or batch_size == 1:
                         raise
                     batch_size = max(1, batch_size // 2)
                     _free_memory()
-                    continue
-                for i, gen in zip(idx, outs, strict=True):
-                    results[i] = gen
-                    generated += gen.completion_tokens
-                start += len(idx)
-                bar.update(task, advance=len(idx), info=f"{generated} tok")
+                pending = [i for i in pending if results[i] is None]
         return [r for r in results if r is not None]
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -124,73 +126,6 @@ class HFGenerator:
         cap = min(cap, self.max_batch_size or cap)
         return int(max(1, min(cap, (free * MEMORY_FRACTION) // per_row)))
 
-    def _generate_batch(self, batch: list[list[int]], indices: list[int], cfg: GenerationConfig) -> list[Generation]:
-        import torch
-        from transformers import DynamicCache
-
-        device = next(self.model.parameters()).device
-        t0 = time.perf_counter()
-        n = len(batch)
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        for r, ids in enumerate(batch):
-            input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[r, width - len(ids) :] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        samplers = [_RowSampler(cfg, i) for i in indices] if cfg.do_sample else None
-        eos = torch.tensor(self.eos_ids, device=device)
-
-        active = torch.arange(n, device=device)  # batch row -> position in `batch`
-        outputs: list[list[int]] = [[] for _ in range(n)]
-        finish: list[str] = ["length"] * n
-        seconds: list[float] = [0.0] * n
-        logits = self._forward(input_ids, attention, positions, cache)
-        last_pos = positions[:, -1]
-        for step in range(cfg.max_new_tokens):
-            next_tokens = self._choose(logits, active, samplers)
-            rows = active.tolist()
-            toks = next_tokens.tolist()
-            done_mask = torch.isin(next_tokens, eos)
-            done_list = done_mask.tolist()
-            now = time.perf_counter() - t0
-            for r, tok, done in zip(rows, toks, done_list, strict=True):
-                if done:
-                    finish[r] = "stop"
-                    seconds[r] = now
-                else:
-                    outputs[r].append(tok)
-            if step == cfg.max_new_tokens - 1:
-                break
-            keep = (~done_mask).nonzero(as_tuple=True)[0]
-            if keep.numel() == 0:
-                break
-            if keep.numel() < active.numel():
-                cache.batch_select_indices(keep)
-                active = active[keep]
-                attention = attention[keep]
-                last_pos = last_pos[keep]
-                next_tokens = next_tokens[keep]
-            attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
-            last_pos = last_pos + 1
-            logits = self._forward(next_tokens[:, None], attention, last_pos[:, None], cache)
-        end = time.perf_counter() - t0
-        results = []
-        for r in range(n):
-            text = self.tokenizer.decode(outputs[r], skip_special_tokens=True)
-            results.append(
-                Generation(
-                    text=text,
-                    prompt_tokens=len(batch[r]),
-                    completion_tokens=len(outputs[r]) + (1 if finish[r] == "stop" else 0),
-                    finish_reason="stop" if finish[r] == "stop" else "length",
-                    seconds=round(seconds[r] if finish[r] == "stop" else end, 4),
-                )
-            )
-        return results
-
     def _forward(self, ids: Any, attention: Any, positions: Any, cache: Any) -> Any:
         out = self.model(
             input_ids=ids,
@@ -202,14 +137,158 @@ class HFGenerator:
         )
         return out.logits[:, -1, :].float()
 
-    @staticmethod
-    def _choose(logits: Any, active: Any, samplers: list[_RowSampler] | None) -> Any:
-        if samplers is None:
-            return logits.argmax(dim=-1)
+
+class _Decoder:
+    """One decoding session: a KV-cached batch that finished rows leave and queued prompts join.
+
+    Rows that finish (EOS or the token limit) are dropped from the cache at once; when a quarter of the batch
+    is free, the next prompts (longest first) are prefilled together and merged into the running batch, their
+    caches left-padded to a common length. Columns that every row has as padding are trimmed. Each row keeps
+    its own position ids, so its logits are those of the prompt decoded alone (up to fp32 rounding).
+    """
+
+    def __init__(self, gen: HFGenerator, encoded: list[list[int]], cfg: GenerationConfig, batch_size: int) -> None:
         import torch
 
-        rows = active.tolist()
-        return torch.stack([samplers[r].sample(logits[k]) for k, r in enumerate(rows)])
+        self.gen = gen
+        self.encoded = encoded
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.device = next(gen.model.parameters()).device
+        self.eos = torch.tensor(gen.eos_ids, device=self.device)
+        self.cache: Any = None
+        self.rows: list[int] = []  # prompt index of each batch row
+        self.outputs: dict[int, list[int]] = {}
+        self.started: dict[int, float] = {}
+        self.samplers: dict[int, _RowSampler] = {}
+        self.attention: Any = None
+        self.last_pos: Any = None
+
+    def run(self, queue: list[int], done: Any) -> None:
+        """Decode every prompt in ``queue`` (indices into ``encoded``); call ``done(index, Generation)`` for each."""
+        import torch
+
+        queue = list(queue)
+        logits = self._admit(queue, None)
+        while self.rows:
+            tokens = self._choose(logits)
+            finished = torch.isin(tokens, self.eos).tolist()
+            now = time.perf_counter()
+            keep: list[int] = []
+            for k, (i, tok, stop) in enumerate(zip(self.rows, tokens.tolist(), finished, strict=True)):
+                if not stop:
+                    self.outputs[i].append(tok)
+                if stop or len(self.outputs[i]) >= self.cfg.max_new_tokens:
+                    done(i, self._result(i, stop, now))
+                else:
+                    keep.append(k)
+            logits = None
+            if keep:
+                if len(keep) < len(self.rows):
+                    self._select(keep)
+                    tokens = tokens[torch.tensor(keep, device=self.device)]
+                self.attention = torch.cat([self.attention, self.attention.new_ones((len(keep), 1))], dim=1)
+                self.last_pos = self.last_pos + 1
+                logits = self.gen._forward(tokens[:, None], self.attention, self.last_pos[:, None], self.cache)
+            else:
+                self.rows, self.cache = [], None
+            free = self.batch_size - len(self.rows)
+            if queue and (not self.rows or (self._mergeable() and free >= max(1, self.batch_size // 4))):
+                logits = self._admit(queue, logits)
+            self._trim()
+
+    def _admit(self, queue: list[int], logits: Any) -> Any:
+        """Prefill the next prompts from ``queue`` and merge them into the batch; returns all rows' logits."""
+        import torch
+        from transformers import DynamicCache
+
+        take = [queue.pop(0) for _ in range(min(self.batch_size - len(self.rows), len(queue)))]
+        if not take:
+            return logits
+        width = max(len(self.encoded[i]) for i in take)
+        ids = torch.full((len(take), width), self.gen.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(take), width), dtype=torch.long)
+        for r, i in enumerate(take):
+            e = self.encoded[i]
+            ids[r, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+            attention[r, width - len(e) :] = 1
+            self.outputs[i] = []
+            self.started[i] = time.perf_counter()
+            if self.cfg.do_sample:
+                self.samplers[i] = _RowSampler(self.cfg, i)
+        ids, attention = ids.to(self.device), attention.to(self.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        new_logits = self.gen._forward(ids, attention, positions, cache)
+        if not self.rows:
+            self.cache, self.attention, self.last_pos, self.rows = cache, attention, positions[:, -1], take
+            return new_logits
+        total = max(self.attention.shape[1], width)
+        self.attention = torch.cat([_left_pad(self.attention, total), _left_pad(attention, total)])
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, total, dim=-2), _left_pad(new.keys, total, dim=-2)])
+            old.values = torch.cat([_left_pad(old.values, total, dim=-2), _left_pad(new.values, total, dim=-2)])
+        self.last_pos = torch.cat([self.last_pos, positions[:, -1]])
+        self.rows = self.rows + take
+        return torch.cat([logits, new_logits]) if logits is not None else new_logits
+
+    def _mergeable(self) -> bool:
+        """Whether new rows can join the running cache (plain growing layers; not sliding-window ones)."""
+        return self.cache is not None and all(
+            hasattr(layer, "keys") and not getattr(layer, "is_sliding", False) for layer in self.cache.layers
+        )
+
+    def _select(self, keep: list[int]) -> None:
+        import torch
+
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.attention = self.attention[index]
+        self.last_pos = self.last_pos[index]
+        self.rows = [self.rows[k] for k in keep]
+
+    def _trim(self) -> None:
+        """Drop leading cache columns that are padding for every row (left by rows that have left)."""
+        if not self.rows or not self._mergeable():
+            return
+        used = self.attention.any(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else 0
+        if first == 0:
+            return
+        self.attention = self.attention[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[..., first:, :]
+            layer.values = layer.values[..., first:, :]
+
+    def _choose(self, logits: Any) -> Any:
+        import torch
+
+        if not self.cfg.do_sample:
+            return logits.argmax(dim=-1)
+        return torch.stack([self.samplers[i].sample(logits[k]) for k, i in enumerate(self.rows)])
+
+    def _result(self, i: int, stopped: bool, now: float) -> Generation:
+        out = self.outputs.pop(i)
+        self.samplers.pop(i, None)
+        return Generation(
+            text=self.gen.tokenizer.decode(out, skip_special_tokens=True),
+            prompt_tokens=len(self.encoded[i]),
+            completion_tokens=len(out) + (1 if stopped else 0),
+            finish_reason="stop" if stopped else "length",
+            seconds=round(now - self.started.pop(i), 4),
+        )
+
+
+def _left_pad(x: Any, length: int, dim: int = -1) -> Any:
+    """Zero-pad ``x`` on the left along ``dim`` to ``length``."""
+    import torch
+
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 class _RowSampler:
