@@ -26,7 +26,7 @@ from tunesec.models.types import GenerationConfig, Generator
 from tunesec.store.run import METRICS_FILE, RunDir
 
 REPORT_FORMAT = 1
-DEFAULT_CHUNK = 32
+DEFAULT_CHUNK = 64
 
 
 class EvalReport(BaseModel):

@@ -225,7 +225,8 @@ class _Decoder:
             return new_logits
         total = max(self.attention.shape[1], width)
         self.attention = torch.cat([_left_pad(self.attention, total), _left_pad(attention, total)])
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+        new_layers: list[Any] = list(cache.layers)  # plain DynamicLayers (checked by _mergeable)
+        for old, new in zip(self.cache.layers, new_layers, strict=True):
             old.keys = torch.cat([_left_pad(old.keys, total, dim=-2), _left_pad(new.keys, total, dim=-2)])
             old.values = torch.cat([_left_pad(old.values, total, dim=-2), _left_pad(new.values, total, dim=-2)])
         self.last_pos = torch.cat([self.last_pos, positions[:, -1]])
