@@ -1,0 +1,392 @@
+"""The one fine-tuning engine: supervised fine-tuning (LoRA or full) on transformers' ``Trainer`` with hooks.
+
+Attacks (harmful fine-tuning) and training-time defenses (Vaccine, Booster, Lisa, RepNoise, SafeLoRA ...) are
+configs plus :class:`~tunesec.training.hooks.TrainingHook` objects handed to :func:`train`; none copies the
+trainer. Run directory layout written here::
+
+    out_dir/checkpoints/checkpoint-N/   resumable checkpoints (adapter or weights as safetensors, optimizer state)
+    out_dir/model/                      the final adapter (LoRA) or weights (full), safetensors, plus tokenizer
+    out_dir/train_metrics.json          losses per step, tokens/s, steps, seconds
+
+Heavy libraries (torch, transformers, peft) are imported inside :func:`train`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tunesec.data.schema import Example
+from tunesec.errors import UsageError
+from tunesec.store.atomic import atomic_write_json
+from tunesec.training.collate import (
+    chat_renderer,
+    collate_packed,
+    encode_dataset,
+    features,
+    make_padded_collator,
+)
+from tunesec.training.config import TrainConfig
+from tunesec.training.hooks import Batch, HookContext, TrainingHook
+from tunesec.training.preflight import check_memory, drop_gguf_markers, trainable_count
+
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+METRICS_FILE = "train_metrics.json"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_LAYER_RE = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
+
+
+class LoadedModelLike(Protocol):
+    """What :func:`train` needs of a loaded model (``tunesec.models.LoadedModel`` satisfies it)."""
+
+    model: Any
+    tokenizer: Any
+
+
+@dataclass
+class TrainMetrics:
+    """Measurements of one training call (steps done in this call, after a resume only the new ones)."""
+
+    losses: list[float] = field(default_factory=list)
+    start_step: int = 0
+    steps: int = 0
+    examples: int = 0
+    dropped_examples: int = 0
+    truncated_examples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: The trained model (a ``peft.PeftModel`` for LoRA), in eval mode.
+        adapter_dir: Directory of the saved LoRA adapter (``None`` for full fine-tuning).
+        weights_dir: Directory of the saved full weights (``None`` for LoRA).
+        metrics: Losses per step, throughput and timing.
+        checkpoint_dir: Where resumable checkpoints were written.
+    """
+
+    model: Any
+    adapter_dir: Path | None
+    weights_dir: Path | None
+    metrics: TrainMetrics
+    checkpoint_dir: Path
+
+    @property
+    def output_dir(self) -> Path:
+        """The saved adapter or weights directory."""
+        out = self.adapter_dir or self.weights_dir
+        assert out is not None
+        return out
+
+
+def train(
+    model: LoadedModelLike,
+    dataset: Sequence[Example],
+    config: TrainConfig,
+    *,
+    out_dir: str | Path,
+    hooks: Sequence[TrainingHook] = (),
+    extra_datasets: Mapping[str, Sequence[Example]] | None = None,
+    resume: bool | str | Path = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune ``model`` on ``dataset`` (loss on assistant tokens only) and save it as safetensors.
+
+    The modules of ``model.model`` are trained in place (LoRA layers are injected into it); load a fresh copy
+    to keep the base model. Bad input is reported before any training step.
+
+    Args:
+        model: A loaded model with ``.model`` (a causal LM) and ``.tokenizer`` (with a chat template).
+        dataset: Training chats; each ends with the assistant turn that is learned.
+        config: Hyperparameters.
+        out_dir: Run directory; checkpoints go to ``out_dir/checkpoints``, the result to ``out_dir/model``.
+        hooks: Training hooks (defenses, adaptive attacks), composed in order.
+        extra_datasets: Named second datasets that hooks draw batches from (``HookContext.batches``).
+        resume: ``True`` resumes from the last checkpoint in ``out_dir/checkpoints``; a path names one.
+        progress: Show a rich progress bar with the loss.
+
+    Returns:
+        The trained model, where it was saved, and the metrics.
+
+    Raises:
+        UsageError: Empty dataset, an example without a final assistant turn, an unknown LoRA target module,
+            an estimated memory need above what is free, checkpoints present without ``resume``.
+    """
+    out = Path(out_dir)
+    hf_model, tokenizer = model.model, model.tokenizer
+    render = chat_renderer(tokenizer)
+    encoded = encode_dataset(dataset, tokenizer, render, config.max_seq_len, what="dataset")
+    extra_rows = {
+        name: features(encode_dataset(exs, tokenizer, render, config.max_seq_len, what=f"extra_datasets[{name}]"))
+        for name, exs in (extra_datasets or {}).items()
+    }
+    ckpt_root = out / CHECKPOINTS
+    resume_from = _resolve_resume(ckpt_root, resume)
+
+    import torch
+    from transformers import TrainingArguments, set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from tunesec.training.trainer import (
+        EngineCallback,
+        HookedTrainer,
+        accepts_logits_to_keep,
+        build_masks,
+        lm_loss_mean,
+    )
+
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    drop_gguf_markers(hf_model)
+    targets = _resolve_targets(hf_model, config)
+    if config.check_memory:
+        check_memory(hf_model, config, encoded, trainable_count(hf_model, config, targets))
+    set_seed(config.seed)
+    trainable = _prepare_method(hf_model, config, targets)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    collate = collate_packed if config.batching == "padding-free" else make_padded_collator(int(pad_id))
+    use_ltk = accepts_logits_to_keep(trainable)
+    device = next(trainable.parameters()).device
+
+    def batches(
+        name: str, batch_size: int | None = None, cycle: bool = True, seed: int | None = None
+    ) -> Iterator[Batch]:
+        rows = extra_rows.get(name)
+        if rows is None:
+            raise UsageError(f"extra_datasets: no dataset named {name!r}; given: {', '.join(extra_rows) or 'none'}")
+        size = batch_size or config.per_device_batch_size
+        gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
+        while True:
+            order = torch.randperm(len(rows), generator=gen).tolist()
+            for i in range(0, len(order), size):
+                batch = collate([rows[j] for j in order[i : i + size]])
+                yield {k: v.to(device) for k, v in batch.items()}
+            if not cycle:
+                return
+
+    ctx = HookContext(
+        config=config,
+        tokenizer=tokenizer,
+        out_dir=out,
+        extra_datasets=extra_rows,
+        batches=batches,
+        lm_loss=lambda m, b: lm_loss_mean(m, b, logits_to_keep=use_ltk),
+        device=device,
+    )
+    for hook in hooks:
+        hook.setup(ctx)
+    masks = build_masks(trainable, hooks)
+    extra_iterators = [it for it in (h.extra_batches() for h in hooks) if it is not None]
+
+    args = TrainingArguments(
+        output_dir=str(ckpt_root),
+        per_device_train_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim=_optimizer_name(config, torch),
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps > 0 else "no",
+        save_steps=config.save_steps if config.save_steps > 0 else 500,
+        save_total_limit=config.save_total_limit,
+        bf16=config.bf16,
+        activation_checkpointing=config.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if config.batching == "group-by-length" else "random",
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device.type == "cuda",
+    )
+    callback = EngineCallback(hooks, masks, progress)
+    trainer = HookedTrainer(
+        model=trainable,
+        args=args,
+        train_dataset=features(encoded),
+        data_collator=collate,
+        callbacks=[callback],
+        hooks=hooks,
+        extra_iterators=extra_iterators,
+        logits_to_keep=use_ltk,
+    )
+    callback.trainer = trainer
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    finally:
+        callback.close()
+        for hook in hooks:
+            hook.teardown(trainable)
+    trainable.eval()
+
+    saved = _save_final(trainable, tokenizer, out / MODEL_DIR)
+    seconds = callback.seconds
+    metrics = TrainMetrics(
+        losses=callback.losses,
+        start_step=callback.start_step,
+        steps=trainer.state.global_step,
+        examples=len(encoded),
+        dropped_examples=len(dataset) - len(encoded),
+        truncated_examples=sum(1 for e in encoded if e.truncated),
+        tokens=trainer.tokens_seen,
+        seconds=seconds,
+        tokens_per_second=trainer.tokens_seen / seconds if seconds > 0 else 0.0,
+        trainable_parameters=sum(p.numel() for p in trainable.parameters() if p.requires_grad),
+        total_parameters=sum(p.numel() for p in trainable.parameters()),
+        target_modules=targets,
+    )
+    atomic_write_json(out / METRICS_FILE, asdict(metrics))
+    lora = config.method == "lora"
+    return TrainResult(
+        model=trainable,
+        adapter_dir=saved if lora else None,
+        weights_dir=None if lora else saved,
+        metrics=metrics,
+        checkpoint_dir=ckpt_root,
+    )
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Leaf names of the linear projections inside the model's decoder layers (attention and MLP)."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    in_layers: set[str] = set()
+    anywhere: set[str] = set()
+    for qual, mod in base.named_modules():
+        if mod is head or not (isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"):
+            continue
+        leaf = qual.rsplit(".", 1)[-1]
+        anywhere.add(leaf)
+        if _LAYER_RE.search(qual):
+            in_layers.add(leaf)
+    return sorted(in_layers or anywhere)
+
+
+def _resolve_targets(model: Any, config: TrainConfig) -> list[str]:
+    """The LoRA target modules, validated against the model (empty for full fine-tuning)."""
+    if config.method == "full":
+        if hasattr(model, "get_base_model"):
+            raise UsageError("method 'full': the model carries a PEFT adapter; merge it first or use method 'lora'")
+        return []
+    if hasattr(model, "peft_config"):  # continue training the loaded adapter
+        targets = getattr(model.peft_config[model.active_adapter], "target_modules", None) or []
+        return sorted(str(t) for t in targets)
+    available = linear_module_names(model)
+    targets = list(config.lora_target_modules) if config.lora_target_modules else available
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise UsageError(
+            f"lora_target_modules: the model has no linear module {missing[0]!r}; it has: {', '.join(available)}"
+        )
+    return targets
+
+
+def _prepare_method(model: Any, config: TrainConfig, targets: list[str]) -> Any:
+    """Wrap ``model`` for LoRA on ``targets``, or unfreeze it for full fine-tuning."""
+    if config.method == "full":
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(model, "peft_config"):
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return model
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def _optimizer_name(config: TrainConfig, torch: Any) -> str:
+    if config.optimizer == "sgd":
+        return "sgd"
+    if config.optimizer == "adamw-fused" and _fused_adamw_available(torch):
+        return "adamw_torch_fused"
+    return "adamw_torch"
+
+
+def _fused_adamw_available(torch: Any) -> bool:
+    try:
+        p = torch.nn.Parameter(torch.zeros(1))
+        p.grad = torch.zeros(1)
+        torch.optim.AdamW([p], fused=True).step()
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _resolve_resume(ckpt_root: Path, resume: bool | str | Path) -> Path | None:
+    existing = _checkpoints(ckpt_root)
+    if resume is False:
+        if existing:
+            raise UsageError(f"{ckpt_root}: holds checkpoints of an earlier run; resume it or choose a new out_dir")
+        return None
+    if resume is True:
+        if not existing:
+            raise UsageError(f"{ckpt_root}: no checkpoint-N directory to resume from")
+        return existing[-1]
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UsageError(f"{path}: not a training checkpoint (expected trainer_state.json in it)")
+    return path
+
+
+def _checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for child in ckpt_root.iterdir():
+        m = _CKPT_RE.match(child.name)
+        if m and child.is_dir() and (child / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def _save_final(model: Any, tokenizer: Any, target: Path) -> Path:
+    """Save the adapter (PEFT) or the weights as safetensors into ``target``, atomically (temp dir + rename)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        model.save_pretrained(str(tmp))
+    if not any(tmp.glob("*.safetensors")):
+        raise RuntimeError(f"{tmp}: save_pretrained wrote no safetensors file")
+    tokenizer.save_pretrained(str(tmp))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target

@@ -1,0 +1,135 @@
+"""The hooks API: how defenses and adaptive attacks change training without copying the trainer.
+
+A :class:`TrainingHook` overrides only the methods it needs; every method has a no-op default. Several hooks
+compose: loss terms add up, masks multiply, ``before_step``/``after_step``/``project`` run in list order.
+See docs/HOOKS.md for the order of calls within one optimizer step and a worked example.
+
+Typical uses:
+    - ``extra_loss``: a regulariser (e.g. RepNoise's representation noise loss, an L2 pull towards the
+      aligned weights as in Booster's or SafeLoRA's spirit, KL to a reference model).
+    - ``before_step``/``after_step``: perturb weights or hidden states around the gradient step (Vaccine's
+      adversarial embedding drift, Booster's harmful-perturbation step) and undo it afterwards.
+    - ``extra_batches``: mix in a second dataset with a weight (Lisa's alignment data, a refusal set).
+    - ``parameter_mask``: freeze parameters or mask gradient entries (safety-critical neurons, layers).
+    - ``project``: after each optimizer step, project the weights (SafeLoRA-style projection onto the
+      alignment subspace, removing a refusal direction).
+
+Nothing here imports torch at module import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from tunesec.training.config import TrainConfig
+
+Batch = dict[str, "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class ExtraBatch:
+    """A batch from a second dataset and the weight of its loss (added to the step's loss)."""
+
+    inputs: Batch
+    weight: float = 1.0
+
+
+@dataclass
+class HookContext:
+    """What the engine hands each hook in :meth:`TrainingHook.setup`.
+
+    Attributes:
+        config: The run's training config.
+        tokenizer: The model's tokenizer.
+        out_dir: The run directory (hooks may write their own artefacts under it).
+        extra_datasets: Tokenised rows of every ``extra_datasets`` entry given to ``train``, by name.
+        batches: ``batches(name, batch_size=None, cycle=True, seed=None)`` yields collated batches (same
+            collation as the main data, on the training device) of an extra dataset, shuffled with ``seed``.
+        lm_loss: ``lm_loss(model, batch)`` is the mean token cross-entropy on a batch's assistant tokens,
+            computed the way the engine does (use it for gradients on another dataset, e.g. Booster).
+        device: The training device.
+    """
+
+    config: TrainConfig
+    tokenizer: Any
+    out_dir: Path
+    extra_datasets: Mapping[str, list[dict[str, list[int]]]]
+    batches: Callable[..., Iterator[Batch]]
+    lm_loss: Callable[[Any, Batch], torch.Tensor]
+    device: Any = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingHook:
+    """Base class of training hooks: override what you need; the defaults change nothing.
+
+    Call order within one optimizer step (``G`` micro-batches of gradient accumulation)::
+
+        repeat G times:
+            before_step(model, inputs)
+            forward -> extra_loss(model, inputs, outputs) added -> backward
+            for each hook's next(extra_batches()): weight * lm_loss -> backward
+            after_step(model)
+        clip gradients -> optimizer.step()
+        (masked entries restored) -> project(model)
+
+    Attributes:
+        name: Shown in logs.
+        needs_hidden_states: Ask the forward pass for ``outputs.hidden_states`` (costs memory).
+    """
+
+    name: str = "hook"
+    needs_hidden_states: bool = False
+
+    def setup(self, ctx: HookContext) -> None:
+        """Called once before training, after LoRA is applied and before the optimizer exists."""
+
+    def parameter_mask(self, name: str, param: torch.nn.Parameter) -> bool | torch.Tensor:
+        """Which parts of a trainable parameter may change.
+
+        Args:
+            name: The parameter's qualified name in the (PEFT-wrapped) model.
+            param: The parameter.
+
+        Returns:
+            ``True`` (train it), ``False`` (freeze it: ``requires_grad=False``), or a tensor broadcastable to
+            the parameter whose entries scale the gradient; entries equal to 0 are held exactly fixed (also
+            against weight decay).
+        """
+        return True
+
+    def before_step(self, model: Any, inputs: Batch) -> None:
+        """Called before the forward pass of each micro-batch (e.g. perturb weights, add forward hooks)."""
+
+    def extra_loss(self, model: Any, inputs: Batch, outputs: Any) -> torch.Tensor | None:
+        """A loss term added to the micro-batch's language-modelling loss (``None`` adds nothing).
+
+        ``outputs`` is the model output of the micro-batch; its ``logits`` hold only the positions that
+        predict an assistant token (shape ``[n, vocab]``, in the order of ``labels[..., 1:] != -100``), and
+        ``outputs.hidden_states`` is set when a hook has ``needs_hidden_states``. The term is divided by the
+        number of accumulation micro-batches, so its weight per optimizer step does not depend on them.
+        """
+        return None
+
+    def extra_batches(self) -> Iterator[ExtraBatch | None] | None:
+        """An iterator whose next item is trained on with each micro-batch (``None`` items skip one).
+
+        Build it from ``ctx.batches(name)`` in :meth:`setup`. When the iterator is exhausted the hook stops
+        contributing batches. Return ``None`` (the default) for no extra data.
+        """
+        return None
+
+    def after_step(self, model: Any) -> None:
+        """Called after the backward pass of each micro-batch, before the optimizer step (undo perturbations)."""
+
+    def project(self, model: Any) -> None:
+        """Called under ``torch.no_grad()`` after each optimizer step (project or edit the weights in place)."""
+
+    def teardown(self, model: Any) -> None:
+        """Called once after training (also when training fails): remove forward hooks, free memory."""

@@ -1,0 +1,255 @@
+"""The transformers ``Trainer`` subclass that runs the hooks, the loss, and the engine's callbacks.
+
+Only ``compute_loss``, ``training_step`` and ``get_batch_samples`` are overridden (the TRL pattern); the loop,
+optimizer, scheduler, gradient accumulation, clipping, checkpointing and resume are transformers'.
+
+The loss takes logits only at positions that predict an assistant token (``logits_to_keep`` with the
+positions' indices), so the vocabulary projection and the cross-entropy skip prompt and padding positions.
+This module imports torch and transformers: import it only when training.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tunesec.training.collate import IGNORE_INDEX
+from tunesec.training.hooks import Batch, ExtraBatch, TrainingHook
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the (unwrapped) causal LM's forward takes ``logits_to_keep``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def lm_loss_sum(
+    model: Any, batch: Batch, *, hidden_states: bool = False, logits_to_keep: bool = True
+) -> tuple[torch.Tensor, int, Any]:
+    """Summed next-token cross-entropy over the assistant tokens of ``batch``.
+
+    Returns:
+        The summed loss, the number of tokens it sums over, and the model output (whose ``logits`` are
+        replaced by the ``[n, vocab]`` logits of those tokens' predicting positions).
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    kwargs: dict[str, Any] = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    if hidden_states:
+        kwargs["output_hidden_states"] = True
+    if logits_to_keep:
+        # One index list for the whole batch: exact for packed rows, the union of rows' positions otherwise.
+        idx = keep.any(dim=0).nonzero().squeeze(-1)
+        outputs = model(input_ids=batch["input_ids"], logits_to_keep=idx, use_cache=False, **kwargs)
+        row_keep = keep[:, idx]
+        logits = outputs.logits[row_keep]
+        tgt = targets[:, idx][row_keep]
+    else:
+        outputs = model(input_ids=batch["input_ids"], use_cache=False, **kwargs)
+        logits = outputs.logits[:, :-1][keep]
+        tgt = targets[keep]
+    outputs.logits = logits
+    loss = F.cross_entropy(logits.float(), tgt, reduction="sum")
+    return loss, int(tgt.numel()), outputs
+
+
+def lm_loss_mean(model: Any, batch: Batch, *, logits_to_keep: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy over the assistant tokens of ``batch``."""
+    total, n, _ = lm_loss_sum(model, batch, logits_to_keep=logits_to_keep)
+    return total / max(n, 1)
+
+
+@dataclass
+class _Mask:
+    param: torch.nn.Parameter
+    mask: torch.Tensor
+    fixed: torch.Tensor  # boolean: entries held exactly
+    values: torch.Tensor  # their values
+
+
+class HookedTrainer(Trainer):
+    """``Trainer`` with the engine's loss (assistant tokens, token-normalised across accumulation) and hooks."""
+
+    def __init__(
+        self,
+        *args: Any,
+        hooks: Sequence[TrainingHook] = (),
+        extra_iterators: Sequence[Iterator[ExtraBatch | None]] = (),
+        logits_to_keep: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.hooks = list(hooks)
+        self.extra_iterators = list(extra_iterators)
+        self.use_logits_to_keep = logits_to_keep
+        self.needs_hidden = any(h.needs_hidden_states for h in self.hooks)
+        # compute_loss divides by the label count of the whole accumulated step.
+        self.loss_is_scaled_for_ga = True
+        self.step_lm_loss = torch.zeros(())
+        self.tokens_seen = 0
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device
+    ) -> tuple[list[Any], torch.Tensor | int | None]:
+        """Fetch the step's micro-batches; count their label tokens (the loss denominator) and input tokens."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        n_labels = 0
+        for b in batches:
+            n_labels += int((b["labels"][..., 1:] != IGNORE_INDEX).sum())
+            mask = b.get("attention_mask")
+            self.tokens_seen += int(mask.sum()) if mask is not None else int(b["input_ids"].numel())
+        return batches, max(n_labels, 1)
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        """Language-modelling loss on assistant tokens plus every hook's ``extra_loss``."""
+        total, n, outputs = lm_loss_sum(
+            model, inputs, hidden_states=self.needs_hidden, logits_to_keep=self.use_logits_to_keep
+        )
+        micro = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
+        denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1) * micro
+        loss = total / denom
+        self.step_lm_loss = self.step_lm_loss.to(loss.device) + loss.detach()
+        for hook in self.hooks:
+            extra = hook.extra_loss(model, inputs, outputs)
+            if extra is not None:
+                loss = loss + extra / micro
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """One micro-batch: ``before_step``, forward/backward, extra batches, ``after_step``."""
+        for hook in self.hooks:
+            hook.before_step(model, inputs)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        micro = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
+        for it in list(self.extra_iterators):
+            item = next(it, StopIteration)
+            if item is StopIteration:
+                self.extra_iterators.remove(it)
+                continue
+            if item is None:
+                continue
+            assert isinstance(item, ExtraBatch)
+            batch = self._prepare_inputs(item.inputs)
+            with self.compute_loss_context_manager():
+                extra = lm_loss_mean(model, batch, logits_to_keep=self.use_logits_to_keep) * (item.weight / micro)
+            self.accelerator.backward(extra)
+            loss = loss + extra.detach()
+        for hook in self.hooks:
+            hook.after_step(model)
+        return loss
+
+    def pop_step_loss(self) -> float:
+        """The language-modelling loss of the optimizer step just finished (and reset it)."""
+        value = float(self.step_lm_loss)
+        self.step_lm_loss = torch.zeros(())
+        return value
+
+
+class EngineCallback(TrainerCallback):
+    """Restores masked entries and runs ``project`` after each optimizer step; records losses and timing."""
+
+    def __init__(self, hooks: Sequence[TrainingHook], masks: Sequence[_Mask], progress: bool) -> None:
+        self.hooks = list(hooks)
+        self.masks = list(masks)
+        self.show_progress = progress
+        self.trainer: HookedTrainer | None = None
+        self.losses: list[float] = []
+        self.start_step = 0
+        self.started = 0.0
+        self.seconds = 0.0
+        self._bar: Any = None
+        self._task: Any = None
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Start the clock and the progress bar."""
+        self.start_step = state.global_step
+        self.started = time.perf_counter()
+        if self.show_progress:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]train[/]"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("loss {task.fields[loss]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("train", total=state.max_steps, completed=state.global_step, loss="-")
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Hold masked entries fixed, then let every hook project the weights."""
+        model = kwargs.get("model")
+        with torch.no_grad():
+            for m in self.masks:
+                m.param.data[m.fixed] = m.values
+            for hook in self.hooks:
+                hook.project(model)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Record the step's loss and advance the bar."""
+        if self.trainer is not None:
+            self.losses.append(self.trainer.pop_step_loss())
+        if self._bar is not None:
+            self._bar.update(self._task, completed=state.global_step, loss=f"{self.losses[-1]:.4f}")
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Stop the clock and the bar."""
+        self.seconds = time.perf_counter() - self.started
+        self.close()
+
+    def close(self) -> None:
+        """Stop the progress bar (idempotent)."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def build_masks(model: Any, hooks: Sequence[TrainingHook]) -> list[_Mask]:
+    """Ask every hook for every trainable parameter's mask: freeze (``False``) or mask gradients (tensor)."""
+    masks: list[_Mask] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        combined: torch.Tensor | None = None
+        frozen = False
+        for hook in hooks:
+            m = hook.parameter_mask(name, param)
+            if isinstance(m, bool):
+                frozen = frozen or not m
+            elif isinstance(m, torch.Tensor):
+                m = m.to(device=param.device, dtype=param.dtype)
+                combined = m if combined is None else combined * m
+            else:
+                raise TypeError(f"{type(hook).__name__}.parameter_mask({name!r}) returned {type(m).__name__}")
+        if frozen:
+            param.requires_grad_(False)
+        elif combined is not None:
+            full = torch.broadcast_to(combined, param.shape).clone()
+            param.register_hook(lambda g, mask=full: g * mask)
+            fixed = full == 0
+            masks.append(_Mask(param, full, fixed, param.detach()[fixed].clone()))
+    return masks
