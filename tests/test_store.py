@@ -111,3 +111,9 @@ def test_tree_hash_changes_with_content(tmp_path: Path) -> None:
     assert sha256_tree(tmp_path, suffixes=(".safetensors",)) == h1
     (tmp_path / "w.safetensors").write_bytes(b"abd")
     assert sha256_tree(tmp_path, suffixes=(".safetensors",)) != h1
+
+
+def test_atomic_write_gives_normal_permissions(tmp_path: Path) -> None:
+    target = tmp_path / "f.json"
+    atomic_write_json(target, {})
+    assert target.stat().st_mode & 0o044 == 0o044  # group/other readable like open() under umask 022
