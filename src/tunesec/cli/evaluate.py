@@ -26,6 +26,13 @@ def eval_command(
         str | None, typer.Option(help="Dataset name or file path [default: the task's dataset].")
     ] = None,
     judge: Annotated[str | None, typer.Option(help="Judge name [default: the task's judge].")] = None,
+    judge_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--judge-option",
+            help="Judge argument KEY=VALUE, e.g. grader=openai:gpt-4o-mini for strongreject-rubric (repeatable).",
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate a seeded sample of N examples.")] = None,
     out: Annotated[Path | None, typer.Option(help="New or empty run directory [default: runs/<stamp>-...].")] = None,
     resume: Annotated[
@@ -57,11 +64,12 @@ def eval_command(
         task=task,
         dataset=dataset,
         judge=judge,
+        judge_options=_key_values("--judge-option", judge_option),
         limit=limit,
         out=out,
         resume=resume,
         generation=generation,
-        dataset_options=_key_values(dataset_option) if dataset_option else None,
+        dataset_options=_key_values("--dataset-option", dataset_option) if dataset_option else None,
         data_dir=data_dir,
         seed=seed,
         allow_pickle=allow_pickle,
@@ -136,12 +144,12 @@ def _batch_size(value: str) -> int | str:
     return n
 
 
-def _key_values(items: list[str]) -> dict[str, str]:
+def _key_values(option: str, items: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
-    for item in items:
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UsageError(f"--dataset-option {item!r}: expected KEY=VALUE, e.g. subset=safe")
+            raise UsageError(f"{option} {item!r}: expected KEY=VALUE")
         out[key.strip()] = value
     return out
 

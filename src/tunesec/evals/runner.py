@@ -98,6 +98,7 @@ def evaluate(
     task: str | Task | None = None,
     dataset: str | Sequence[Example] | None = None,
     judge: str | Judge | None = None,
+    judge_options: Mapping[str, Any] | None = None,
     *,
     limit: int | None = None,
     out: str | Path | None = None,
@@ -124,6 +125,8 @@ def evaluate(
             or the resumed run's task.
         dataset: Dataset name or path, or the examples themselves; default: the task's dataset.
         judge: Judge name or instance; default: the task's judge (the utility task uses none).
+        judge_options: Arguments for a named judge, e.g. ``{"grader": "openai:gpt-4o-mini"}`` for
+            ``strongreject-rubric`` or ``{"model": "meta-llama/Llama-Guard-3-1B"}`` for ``guard-model``.
         limit: Evaluate a seeded sample of this many examples (stratified by category when the data module
             provides sampling).
         out: New or empty directory for the run; default ``root/<UTC stamp>-<task>-<model>``.
@@ -151,7 +154,7 @@ def evaluate(
 
     task_obj = _resolve_task(task, prior)
     examples, dataset_spec = _resolve_dataset(task_obj, dataset, dataset_options, data_dir, limit, seed, prior)
-    judge_obj = _resolve_judge(task_obj, judge, prior)
+    judge_obj = _resolve_judge(task_obj, judge, prior, judge_options)
     gen_config = _resolve_generation(task_obj, examples, generation, seed, prior)
 
     model_spec, model_name = _model_spec(model, generator)
@@ -290,7 +293,9 @@ def _sample(examples: list[Example], n: int, seed: int) -> list[Example]:
     return list(sample_examples(examples, n, seed=seed))
 
 
-def _resolve_judge(task: Task, judge: str | Judge | None, prior: Mapping[str, Any]) -> Judge | None:
+def _resolve_judge(
+    task: Task, judge: str | Judge | None, prior: Mapping[str, Any], options: Mapping[str, Any] | None = None
+) -> Judge | None:
     if isinstance(judge, Judge):
         return judge
     if task.default_judge is None:
@@ -302,7 +307,7 @@ def _resolve_judge(task: Task, judge: str | Judge | None, prior: Mapping[str, An
         judge = str(stored.get("name") or task.default_judge)
     from tunesec.judges import get_judge  # type: ignore[attr-defined,unused-ignore]
 
-    result: Judge = get_judge(judge)
+    result: Judge = get_judge(judge, **dict(options or {}))
     return result
 
 
