@@ -31,7 +31,7 @@ PLUGIN_GROUP = "tunesec.plugins"
 # so that importing `tunesec.registry` (and `tunesec --help`) stays cheap; component modules keep heavy imports
 # (torch, transformers) inside functions.
 BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
-    "model": ("tunesec.models.aliases",),
+    "model": ("tunesec.models.aliases", "tunesec.models.aligned_alias"),
     "dataset": ("tunesec.data.named",),
     "judge": ("tunesec.judges",),
     "metric": ("tunesec.evals",),

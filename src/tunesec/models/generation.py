@@ -52,6 +52,7 @@ class HFGenerator:
         self.name = loaded.ref.name
         self.max_batch_size = max_batch_size
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.cache_kwarg = _cache_kwarg(self.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     def encode(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[list[int]]:
@@ -131,8 +132,8 @@ class HFGenerator:
             input_ids=ids,
             attention_mask=attention,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_kwarg: cache},
             logits_to_keep=1,
         )
         return out.logits[:, -1, :].float()
@@ -382,6 +383,15 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if not ids:
         raise ValueError(f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: no EOS token; cannot stop generation")
     return ids
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The forward() argument that takes the KV cache: ``cache`` in newer transformers, else ``past_key_values``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _free_memory() -> None:
