@@ -72,3 +72,11 @@ def test_bad_prompts_file_names_line(tmp_path: Path, tiny_llama_dir: Path) -> No
 def test_list_models() -> None:
     out = _run("list", "models")
     assert out.returncode == 0 and "smollm2-135m" in out.stdout
+
+
+def test_models_info_reports_architecture_and_hashes(tiny_llama_dir: Path, capsys) -> None:
+    assert main(["models", "info", str(tiny_llama_dir), "--hashes"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_type"] == "llama" and info["layers"] == 2
+    assert info["chat_template"] == "model's own"
+    assert len(info["weights_sha256"]) == 64
