@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 from rich.markup import escape
@@ -34,6 +35,8 @@ CPU_MAX_BATCH = 64
 GPU_MAX_BATCH = 256
 # Fraction of free memory the engine plans to use for activations and the KV cache.
 MEMORY_FRACTION = 0.35
+# Padding columns shared by all rows are trimmed from the cache once there are at least this many.
+TRIM_MIN_COLUMNS = 32
 
 
 class HFGenerator:
@@ -201,7 +204,6 @@ class _Decoder:
     def _admit(self, queue: list[int], logits: Any) -> Any:
         """Prefill the next prompts from ``queue`` and merge them into the batch; returns all rows' logits."""
         import torch
-        from transformers import DynamicCache
 
         take = [queue.pop(0) for _ in range(min(self.batch_size - len(self.rows), len(queue)))]
         if not take:
@@ -219,26 +221,26 @@ class _Decoder:
                 self.samplers[i] = _RowSampler(self.cfg, i)
         ids, attention = ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = _growable_cache()
         new_logits = self.gen._forward(ids, attention, positions, cache)
         if not self.rows:
             self.cache, self.attention, self.last_pos, self.rows = cache, attention, positions[:, -1], take
             return new_logits
         total = max(self.attention.shape[1], width)
         self.attention = torch.cat([_left_pad(self.attention, total), _left_pad(attention, total)])
-        new_layers: list[Any] = list(cache.layers)  # plain DynamicLayers (checked by _mergeable)
+        new_layers: list[Any] = list(cache.layers)  # plain growing layers (checked by _mergeable)
         for old, new in zip(self.cache.layers, new_layers, strict=True):
-            old.keys = torch.cat([_left_pad(old.keys, total, dim=-2), _left_pad(new.keys, total, dim=-2)])
-            old.values = torch.cat([_left_pad(old.values, total, dim=-2), _left_pad(new.values, total, dim=-2)])
+            old.set_kv(
+                torch.cat([_left_pad(old.keys, total, dim=-2), _left_pad(new.keys, total, dim=-2)]),
+                torch.cat([_left_pad(old.values, total, dim=-2), _left_pad(new.values, total, dim=-2)]),
+            )
         self.last_pos = torch.cat([self.last_pos, positions[:, -1]])
         self.rows = self.rows + take
         return torch.cat([logits, new_logits]) if logits is not None else new_logits
 
     def _mergeable(self) -> bool:
-        """Whether new rows can join the running cache (plain growing layers; not sliding-window ones)."""
-        return self.cache is not None and all(
-            hasattr(layer, "keys") and not getattr(layer, "is_sliding", False) for layer in self.cache.layers
-        )
+        """Whether new rows can join the running cache (our growing layers; not sliding-window ones)."""
+        return self.cache is not None and all(hasattr(layer, "set_kv") for layer in self.cache.layers)
 
     def _select(self, keep: list[int]) -> None:
         import torch
@@ -255,12 +257,12 @@ class _Decoder:
             return
         used = self.attention.any(dim=0).nonzero()
         first = int(used[0]) if used.numel() else 0
-        if first == 0:
+        # Trimming copies the cache, so wait until it saves a worthwhile number of columns.
+        if first < TRIM_MIN_COLUMNS:
             return
         self.attention = self.attention[:, first:]
         for layer in self.cache.layers:
-            layer.keys = layer.keys[..., first:, :]
-            layer.values = layer.values[..., first:, :]
+            layer.set_kv(layer.keys[..., first:, :], layer.values[..., first:, :])
 
     def _choose(self, logits: Any) -> Any:
         import torch
@@ -279,6 +281,65 @@ class _Decoder:
             finish_reason="stop" if stopped else "length",
             seconds=round(now - self.started.pop(i), 4),
         )
+
+
+def _growable_cache() -> Any:
+    """A KV cache of :func:`_growable_layer_class` layers."""
+    from transformers.cache_utils import Cache
+
+    return Cache(layer_class_to_replicate=_growable_layer_class())
+
+
+@lru_cache(maxsize=1)
+def _growable_layer_class() -> Any:
+    """A KV-cache layer that writes new entries into preallocated buffers.
+
+    transformers' ``DynamicLayer`` concatenates the whole cache with each new token, copying it at every step,
+    which on a CPU costs as much as the attention itself once sequences reach a few hundred tokens. These layers
+    grow their buffers geometrically and hand attention a view, so a step writes one column per row.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowableLayer(DynamicLayer):
+        _kbuf: Any = None
+        _vbuf: Any = None
+        _len = 0
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.shape[-2]
+            if self._kbuf is None:
+                self._grow(key_states[..., :0, :], value_states[..., :0, :], n)
+            elif self._len + n > self._kbuf.shape[-2]:
+                self._grow(self.keys, self.values, self._len + n)
+            self._kbuf[..., self._len : self._len + n, :] = key_states
+            self._vbuf[..., self._len : self._len + n, :] = value_states
+            self._len += n
+            self.keys = self._kbuf[..., : self._len, :]
+            self.values = self._vbuf[..., : self._len, :]
+            return self.keys, self.values
+
+        def _grow(self, keys: Any, values: Any, needed: int) -> None:
+            """New buffers with room for twice ``needed`` columns, holding ``keys``/``values`` at the front."""
+            n = keys.shape[-2]
+            shape = (*keys.shape[:-2], max(64, 2 * needed), keys.shape[-1])
+            self._kbuf, self._vbuf = keys.new_empty(shape), values.new_empty(shape)
+            self._kbuf[..., :n, :] = keys
+            self._vbuf[..., :n, :] = values
+            self._len = n
+            self.keys = self._kbuf[..., :n, :]
+            self.values = self._vbuf[..., :n, :]
+
+        def set_kv(self, keys: Any, values: Any) -> None:
+            """Replace the contents (after a merge, trim or row selection), keeping room to grow."""
+            self._grow(keys, values, keys.shape[-2])
+
+        def batch_select_indices(self, indices: Any) -> None:
+            if self._len > 0:
+                self.set_kv(self._kbuf[indices, ..., : self._len, :], self._vbuf[indices, ..., : self._len, :])
+
+    return GrowableLayer
 
 
 def _left_pad(x: Any, length: int, dim: int = -1) -> Any:
