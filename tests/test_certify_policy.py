@@ -1,0 +1,82 @@
+"""Certification policies: the shipped default validates; bad names and keys fail with file, line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunesec.certify.policy import load_policy
+from tunesec.errors import UsageError
+
+GOOD = """
+name: p
+checks:
+  - name: harm
+    task: harmfulness
+    dataset: tunesec-harmful
+    judge: default
+    limit: 10
+    metric: harmful_rate
+    measure: change
+    max: 0.05
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "policy.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_default_policy_is_valid_and_documented() -> None:
+    pol = load_policy()
+    names = [c.name for c in pol.checks]
+    assert names == ["harmful-compliance-increase", "refusal-on-harmful", "over-refusal-increase", "utility-drop"]
+    first = pol.checks[0]
+    assert (first.measure, first.op, first.bound) == ("change", "<=", 0.05)
+    assert pol.triggers.enabled and pol.forensics.enabled
+    assert len(pol.sha256()) == 64
+
+
+def test_good_policy_loads(tmp_path: Path) -> None:
+    pol = load_policy(_write(tmp_path, GOOD))
+    assert pol.checks[0].limit == 10
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "pattern"),
+    [
+        (
+            "metric: harmful_rate",
+            "metric: harmfull_rate",
+            r"line 9: field 'checks.0.metric': unknown metric",
+        ),
+        ("task: harmfulness", "task: harmfulnes", r"line 5: field 'checks.0.task': unknown task 'harmfulnes'"),
+        (
+            "dataset: tunesec-harmful",
+            "dataset: advbenchh",
+            r"line 6: field 'checks.0.dataset': unknown dataset",
+        ),
+        ("judge: default", "judge: gpt-judge", r"line 7: field 'checks.0.judge': unknown judge 'gpt-judge'"),
+    ],
+)
+def test_unknown_names_name_file_line_and_field(tmp_path: Path, old: str, new: str, pattern: str) -> None:
+    path = _write(tmp_path, GOOD.replace(old, new))
+    with pytest.raises(UsageError, match=pattern) as err:
+        load_policy(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_schema_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="unknown key 'checks.0.maximum'"):
+        load_policy(_write(tmp_path, GOOD.replace("max: 0.05", "maximum: 0.05")))
+    with pytest.raises(UsageError, match="exactly one of max or min"):
+        load_policy(_write(tmp_path, GOOD + "    min: 0.0\n"))
+    with pytest.raises(UsageError, match="duplicate check name"):
+        load_policy(_write(tmp_path, GOOD + GOOD.split("checks:\n")[1]))
+    with pytest.raises(UsageError, match="config file not found"):
+        load_policy(tmp_path / "nope.yaml")
+    bad_trigger = GOOD + "triggers:\n  judge: nobody\n"
+    with pytest.raises(UsageError, match=r"line \d+: field 'triggers.judge': unknown judge 'nobody'"):
+        load_policy(_write(tmp_path, bad_trigger))
