@@ -73,6 +73,16 @@ def test_unknown_name_lists_known_ones() -> None:
 def test_unknown_option() -> None:
     with pytest.raises(UsageError, match=r"dataset 'tunesec-harmful' has no option 'subset'"):
         load_dataset_by_name("tunesec-harmful", subset="x")
+    with pytest.raises(UsageError, match=r"dataset 'tunesec-harmful' has no option 'subset'"):
+        resolve_dataset("tunesec-harmful:x")
+
+
+@needs_shared
+def test_name_colon_subset_spec() -> None:
+    by_spec = resolve_dataset("dolly:safety-only", data_dir=SHARED)
+    by_option = load_dataset_by_name("dolly", data_dir=SHARED, subset="safety-only")
+    assert [e.id for e in by_spec] == [e.id for e in by_option]
+    assert len(resolve_dataset("xstest:safe", data_dir=SHARED, limit=7)) == 7
 
 
 # ----------------------------------------------------------------------------------- tunesec's own sets

@@ -158,3 +158,65 @@ def test_continuous_batching_refills_and_matches_large_batches(monkeypatch: pyte
     same = sum(a.text == b.text for a, b in zip(big, small, strict=True))
     assert same >= len(prompts) - 2, f"only {same} of {len(prompts)} identical"
     assert [(g.prompt_tokens, g.finish_reason) for g in big] == [(g.prompt_tokens, g.finish_reason) for g in small]
+
+
+def test_prefill_chunks_bound_tokens_and_padding() -> None:
+    from tunesec.models import generation
+
+    lengths = [104, 100, 63, 62, 45, 45, 44, 40, 40, 12, 3]
+    chunks = generation._prefill_chunks(lengths)
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))  # contiguous, in order
+    for start, end in chunks:
+        padded = (end - start) * lengths[start]
+        if end - start > 1:
+            assert padded <= generation.PREFILL_TOKENS
+            assert padded - sum(lengths[start:end]) <= generation.PREFILL_MAX_PADDING * padded
+    assert generation._prefill_chunks([5000]) == [(0, 1)]  # longer than the budget: a chunk of its own
+
+
+def test_chunked_prefill_row_compaction_and_trim_match_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small prefill chunks, rows leaving mid-batch, merges and trimmed padding columns change no output."""
+    from tunesec.models import generation
+
+    lm = _loaded("llama")
+    engine = HFGenerator(lm)
+    prompts = PROMPTS * 2
+    cfg = GenerationConfig(max_new_tokens=20, batch_size=1)
+    reference = engine.generate(prompts, cfg, progress=False)
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", 40)
+    monkeypatch.setattr(generation, "TRIM_MIN_COLUMNS", 1)
+    calls = {"prefill": 0, "move": 0, "trim": 0}
+    prefill = generation._Decoder._prefill
+
+    def count_prefill(self: generation._Decoder, rows: list[int]) -> tuple:
+        calls["prefill"] += 1
+        return prefill(self, rows)
+
+    layer_cls = generation._growable_layer_class()
+    move, trim_front = layer_cls.move_rows, layer_cls.trim_front
+
+    def count_move(self: object, holes: list[int], movers: list[int], rows: int) -> None:
+        calls["move"] += bool(movers)
+        move(self, holes, movers, rows)
+
+    def count_trim(self: object, columns: int) -> None:
+        calls["trim"] += 1
+        trim_front(self, columns)
+
+    monkeypatch.setattr(generation._Decoder, "_prefill", count_prefill)
+    monkeypatch.setattr(layer_cls, "move_rows", count_move)
+    monkeypatch.setattr(layer_cls, "trim_front", count_trim)
+    # rows finish at different steps: a token emitted mid-sequence by some rows counts as EOS
+    from collections import Counter
+
+    counts = Counter(t for g in reference for t in set(lm.tokenizer(g.text, add_special_tokens=False)["input_ids"]))
+    engine.eos_ids = [next(t for t, c in counts.most_common() if c < len(prompts) // 2)]
+    reference = engine.generate(prompts, cfg, progress=False)
+    calls.update(prefill=0, move=0, trim=0)
+    chunked = engine.generate(prompts, cfg.model_copy(update={"batch_size": 8}), progress=False)
+    assert calls["prefill"] > len(prompts) // 8, calls  # several chunks, not one padded batch
+    assert calls["move"] > 0 and calls["trim"] > 0, calls
+    assert {g.finish_reason for g in chunked} == {"stop", "length"}
+    same = sum(a.text == b.text for a, b in zip(reference, chunked, strict=True))
+    assert same >= len(prompts) - 2, f"only {same} of {len(prompts)} identical"

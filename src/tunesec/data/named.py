@@ -82,7 +82,8 @@ def resolve_dataset(
     """A registered dataset name, else a file / dataset directory / hub id given to :func:`load_examples`.
 
     Args:
-        spec: Dataset name (e.g. ``"jbb-harmful"``) or a path or hub id.
+        spec: Dataset name (e.g. ``"jbb-harmful"``), ``NAME:SUBSET`` (e.g. ``"dolly:safety-only"``), or a path
+            or hub id.
         data_dir: Local data directory for named datasets.
         limit: Sample size (seeded, category-balanced; see :func:`load_dataset_by_name`).
         split: Split name.
@@ -95,6 +96,12 @@ def resolve_dataset(
     text = str(spec)
     if ("dataset", text) in registry:
         return load_dataset_by_name(text, data_dir=data_dir, limit=limit, split=split, seed=seed, **options)
+    name, _, subset = text.partition(":")
+    if subset and ("dataset", name) in registry and not Path(text).expanduser().exists() and "subset" not in options:
+        # NAME:SUBSET, e.g. dolly:safety-only or xstest:safe
+        return load_dataset_by_name(
+            name, data_dir=data_dir, limit=limit, split=split, seed=seed, subset=subset, **options
+        )
     path = Path(text).expanduser()
     looks_like_path = path.exists() or path.suffix != "" or text.startswith((".", "/", "~"))
     if not looks_like_path and "/" not in text:
