@@ -405,7 +405,8 @@ def _growable_layer_class() -> Any:
             if self._kbuf is None:
                 self._grow(key_states[..., :0, :], value_states[..., :0, :], n)
             elif self._len + n > self._kbuf.shape[-2]:
-                self._grow(self.keys, self.values, self.keys.shape[-2] + n)
+                live = (slice(None, self._rows), slice(None), slice(self._start, self._len))
+                self._grow(self._kbuf[live], self._vbuf[live], self._len - self._start + n)
             self._kbuf[: self._rows, :, self._len : self._len + n] = key_states
             self._vbuf[: self._rows, :, self._len : self._len + n] = value_states
             self._len += n
@@ -449,8 +450,9 @@ def _growable_layer_class() -> Any:
             self._view()
 
         def batch_select_indices(self, indices: Any) -> None:
-            if self._len > 0:
-                self.set_kv(self.keys[indices], self.values[indices])
+            if self._kbuf is not None:
+                live = (slice(None, self._rows), slice(None), slice(self._start, self._len))
+                self.set_kv(self._kbuf[live][indices], self._vbuf[live][indices])
 
     return GrowableLayer
 
