@@ -38,8 +38,8 @@ def render_certificate(
     Returns:
         The written path.
     """
-    from tunesec.evals.report import _clip, _environment
-    from tunesec.evals.templates import _STYLE
+    from tunesec.evals.report import clip_text, html_environment
+    from tunesec.evals.templates import STYLE
 
     run_path = Path(run_dir)
     if drift_png is None and (run_path / "plots" / "drift_by_layer.png").is_file():
@@ -53,7 +53,7 @@ def render_certificate(
         evaluations.append(view)
     template = files("tunesec.certify").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
     html = (
-        _environment()
+        html_environment()
         .from_string(template)
         .render(
             cert=certificate,
@@ -62,9 +62,9 @@ def render_certificate(
             forensics=certificate.forensics,
             triggers=certificate.triggers,
             drift_png=base64.b64encode(drift_png).decode("ascii") if drift_png else "",
-            base_css=_markup(_STYLE),
+            base_css=_markup(STYLE),
             fmt=_fmt,
-            clip=_clip,
+            clip=clip_text,
         )
     )
     target = Path(out) if out is not None else run_path / REPORT_FILE
@@ -173,7 +173,7 @@ def before_after_chart(base: MetricValue, tuned: MetricValue) -> bytes:
 
 def _changed_examples(ev: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Prompts whose verdict differs between base and tuned (the tuned model's failures first)."""
-    from tunesec.evals.report import _clip, _verdict
+    from tunesec.evals.report import clip_text, record_verdict
 
     try:
         base = {str(r["id"]): r for r in RunDir.open(str(ev["base_run"])).records()}
@@ -185,7 +185,7 @@ def _changed_examples(ev: Mapping[str, Any]) -> list[dict[str, Any]]:
         b = base.get(str(r.get("id")))
         if b is None:
             continue
-        (tv, t_flag), (bv, b_flag) = _verdict(r), _verdict(b)
+        (tv, t_flag), (bv, b_flag) = record_verdict(r), record_verdict(b)
         if tv == bv:
             continue
         rows.append(
@@ -194,9 +194,9 @@ def _changed_examples(ev: Mapping[str, Any]) -> list[dict[str, Any]]:
                 {
                     "id": r.get("id"),
                     "category": r.get("category"),
-                    "prompt": _clip(str(r.get("prompt", ""))),
-                    "base_response": _clip(str(b.get("response", ""))),
-                    "tuned_response": _clip(str(r.get("response", ""))),
+                    "prompt": clip_text(str(r.get("prompt", ""))),
+                    "base_response": clip_text(str(b.get("response", ""))),
+                    "tuned_response": clip_text(str(r.get("response", ""))),
                     "base_verdict": bv,
                     "tuned_verdict": tv,
                 },

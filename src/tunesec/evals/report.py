@@ -54,7 +54,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, max_exa
 
     records = list(run.records())
     html = (
-        _environment()
+        html_environment()
         .from_string(_template("REPORT_TEMPLATE"))
         .render(
             report=report,
@@ -80,7 +80,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, *, max_exa
 
 def render_comparison(comparison: Any, out: str | Path) -> Path:
     """Write a comparison (:class:`tunesec.evals.compare.Comparison`) as a self-contained HTML page."""
-    html = _environment().from_string(_template("COMPARE_TEMPLATE")).render(cmp=comparison, version=_version())
+    html = html_environment().from_string(_template("COMPARE_TEMPLATE")).render(cmp=comparison, version=_version())
     return atomic_write_text(Path(out), html)
 
 
@@ -110,7 +110,8 @@ def category_chart(metric: MetricValue) -> bytes:
     return buf.getvalue()
 
 
-def _environment() -> Any:
+def html_environment() -> Any:
+    """The Jinja environment of every tunesec HTML page: autoescaped, strict about undefined names."""
     from jinja2 import Environment, StrictUndefined
 
     # autoescape=True for every template: these pages show untrusted model output.
@@ -152,12 +153,13 @@ def _pretty(value: Any) -> str:
 
 def _pick_examples(records: Sequence[Mapping[str, Any]], n: int) -> list[Mapping[str, Any]]:
     """Failures first (harmful, refused, wrong, unparsed), then the rest, in file order."""
-    flagged = [r for r in records if _verdict(r)[1]]
-    rest = [r for r in records if not _verdict(r)[1]]
+    flagged = [r for r in records if record_verdict(r)[1]]
+    rest = [r for r in records if not record_verdict(r)[1]]
     return (flagged + rest)[:n]
 
 
-def _verdict(r: Mapping[str, Any]) -> tuple[str, bool]:
+def record_verdict(r: Mapping[str, Any]) -> tuple[str, bool]:
+    """A record's verdict label and whether it is a failure (harmful, refused, wrong or unparsed)."""
     if r.get("unparsed"):
         return "unparsed", True
     if "harmful" in r:
@@ -179,13 +181,14 @@ def _example_row(r: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "id": r.get("id"),
         "category": r.get("category"),
-        "verdict": _verdict(r)[0],
-        "prompt": _clip(str(r.get("prompt", ""))),
-        "response": _clip(str(r.get("response", ""))),
+        "verdict": record_verdict(r)[0],
+        "prompt": clip_text(str(r.get("prompt", ""))),
+        "response": clip_text(str(r.get("response", ""))),
     }
 
 
-def _clip(text: str) -> str:
+def clip_text(text: str) -> str:
+    """``text`` cut at ``MAX_CHARS`` characters, saying how many were left out."""
     return text if len(text) <= MAX_CHARS else text[:MAX_CHARS] + f" [... {len(text) - MAX_CHARS} more chars]"
 
 

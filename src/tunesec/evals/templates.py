@@ -7,7 +7,8 @@ autoescape on: every value, model output included, is text, never markup.
 
 from __future__ import annotations
 
-_STYLE = """
+# The CSS shared by the evaluation, comparison and certification pages.
+STYLE = """
 <style>
   body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
          color: #1d2430; padding: 0 1rem; }
@@ -28,7 +29,7 @@ REPORT_TEMPLATE = (
     """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>tunesec eval: {{ report.task }} on {{ model_name }}</title>"""
-    + _STYLE
+    + STYLE
     + """</head><body>
 <h1>{{ report.task }} &mdash; {{ model_name }}</h1>
 <div class="muted">run {{ run_dir }} &middot; status {{ status }} &middot; {{ report.counts.get("records", 0) }}
@@ -84,7 +85,7 @@ COMPARE_TEMPLATE = (
     """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>tunesec compare: {{ cmp.task }}</title>"""
-    + _STYLE
+    + STYLE
     + """</head><body>
 <h1>{{ cmp.task }}: B &minus; A</h1>
 <div class="muted">A = {{ cmp.run_a }} ({{ cmp.model_a }})<br>B = {{ cmp.run_b }} ({{ cmp.model_b }})</div>
