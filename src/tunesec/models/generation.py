@@ -6,9 +6,11 @@ Research code typically loops over prompts one at a time with ``model.generate``
   batch holds prompts of similar length and little compute goes to padding;
 - left-pads each batch, with explicit position ids, so every row sees exactly the positions it would see
   alone (batched greedy output matches one-at-a-time greedy output up to fp32 near-ties);
-- prefills with logits for the last position only (no ``batch x length x vocab`` tensor);
-- decodes with a KV cache and drops finished rows from the batch, so no compute is spent after EOS, and
-  refills the freed slots with the next prompts (continuous batching), so the batch stays full;
+- prefills in length-grouped chunks of at most ``PREFILL_TOKENS`` tokens, with logits for the last position
+  only (no ``batch x length x vocab`` tensor);
+- decodes with a KV cache of preallocated buffers and drops finished rows from the batch (moving only the rows
+  that fill the holes), so no compute is spent after EOS, and refills the freed slots with the next prompts
+  (continuous batching), so the batch stays full;
 - picks the batch size from free memory (``batch_size="auto"``) and halves it on out-of-memory;
 - samples, when asked, from one seeded random stream per prompt, so a prompt's output does not depend on
   which other prompts share its batch.
