@@ -113,7 +113,9 @@ def test_align_cli_end_to_end(tiny_llama_dir: Path, tmp_path: Path, capsys: pyte
     run = json.loads((out / "run.json").read_text())
     assert run["kind"] == "align" and run["spec"]["config"]["deep_alignment"] == 0.5
     assert run["model"]["provenance"]["defense"] == "safety-sft"
-    assert run["model"]["provenance"]["mix"] == {"refusal": 2, "deep-refusal": 2, "helpful": 4}
+    assert run["model"]["provenance"]["mix"] == {"refusal": 2, "deep-refusal": 2, "helpful": 4, "self-distilled": 0}
+    saved = (out / "alignment_data.jsonl").read_text().splitlines()  # the mix, reused by --resume
+    assert len(saved) == 8 and sum('"deep-refusal"' in line for line in saved) == 2
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"refusal_data: {{{tmp_path / 'missing.jsonl'}: 4}}\n", encoding="utf-8")
     assert main(["align", "--model", str(tiny_llama_dir), "--recipe", str(bad)]) == 2

@@ -131,3 +131,51 @@ def test_alignment_mix_is_balanced_and_held_out(shared_data: Path) -> None:
     assert all("Actually, no." in (e.response or "") for e in deep)
     with pytest.raises(UsageError, match="deep_alignment"):
         validate(SafetySFTConfig, {"deep_alignment": 2}, source="recipe.yaml")
+
+
+def test_self_distilled_answers_drop_refusals_and_stubs(tmp_path: Path) -> None:
+    import json
+
+    from tunesec.defenses.alignment import SafetySFTConfig, build_alignment_data
+    from tunesec.models.types import Generation
+
+    prompts = [f"What is a good name for pet number {i}?" for i in range(8)] + ["x" * 400]
+    src = tmp_path / "benign.jsonl"
+    src.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in prompts))
+    answers = {
+        0: "I'm sorry, but I cannot help with naming pets.",  # a refusal: dropped
+        1: "Rex.",  # near-empty: dropped
+        2: "A good name is Biscuit. It is short and friendly. Another option is Pepper, which",  # cut at a sentence
+    }
+
+    class FakeGenerator:
+        asked: list[str] = []
+
+        def generate(self, batch: list[str], config: object, progress: bool = True) -> list[Generation]:
+            self.asked.extend(batch)
+            out = []
+            for p in batch:
+                i = prompts.index(p)
+                text = answers.get(i, f"Pet {i} could be called Nova, a bright and cheerful name for a pet.")
+                reason = "length" if i == 2 else "stop"
+                out.append(Generation(text=text, prompt_tokens=5, completion_tokens=9, finish_reason=reason))
+            return out
+
+    fake = FakeGenerator()
+    cfg = SafetySFTConfig(
+        refusal_data={"tunesec-refusals": 4},
+        benign_data={"tunesec-helpful": 4},
+        self_distill={str(src): 4},
+        exclude_eval=[],
+    )
+    data = build_alignment_data(cfg, generator=fake)
+    distilled = [e for e in data if e.meta.get("self_distilled")]
+    assert len(distilled) == 4 and len(data) == 12
+    assert "x" * 400 not in fake.asked and len(fake.asked) == 6  # 1.5 x 4 candidates, long prompts skipped
+    texts = {e.prompt: e.response for e in distilled}
+    assert prompts[0] not in texts and prompts[1] not in texts
+    if prompts[2] in texts:
+        assert texts[prompts[2]] == "A good name is Biscuit. It is short and friendly."
+    assert all(e.meta["align_kind"] == "helpful" and e.source.startswith("self-distilled:") for e in distilled)
+    with pytest.raises(UsageError, match="self_distill: self-distilled answers need the model"):
+        build_alignment_data(cfg)

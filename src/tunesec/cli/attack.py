@@ -189,16 +189,16 @@ def align_command(
 ) -> None:
     """Train a safety-alignment LoRA adapter (refusals + helpful answers); prints the adapter directory."""
     from tunesec.cli.common import console
-    from tunesec.defenses.alignment import SafetySFT, SafetySFTConfig, build_alignment_data
+    from tunesec.defenses.alignment import SafetySFT, SafetySFTConfig
 
     overrides = list(set_ or [])
     if deep_alignment is not None:
         overrides.append(f"deep_alignment={deep_alignment}")
     cfg = _load_config(SafetySFTConfig, recipe, overrides)
     assert isinstance(cfg, SafetySFTConfig)
-    examples = build_alignment_data(cfg)
     spec = {"defense": "safety-sft", "model": model, "config": cfg.model_dump(mode="json")}
     run = _open_run("align", f"align-{Path(model).name}", spec, out, resume)
+    examples = _alignment_data(cfg, model, run.path)
     console.print(f"run directory: {run.path}  ({len(examples)} training examples)")
     ref = SafetySFT(cfg).run(model, run.path, data=examples, resume=_has_checkpoint(run.path))
     metrics: dict[str, Any] = {}
@@ -206,6 +206,23 @@ def align_command(
         metrics = evaluate_tuned(ref, run, limit=eval_limit, over_refusal=True)
     run.finish(metrics=metrics or None, model=ref.model_dump(mode="json"))
     typer.echo(model_spec_string(ref))
+
+
+def _alignment_data(cfg: Any, model: str, run_dir: Path) -> list[Any]:
+    """The run's training mix, built once and kept in the run directory.
+
+    A resumed run trains on the same examples without generating self-distilled answers again.
+    """
+    from tunesec.data.schema import Example
+    from tunesec.defenses.alignment import build_alignment_data
+    from tunesec.store.atomic import atomic_write_text
+
+    saved = run_dir / "alignment_data.jsonl"
+    if saved.is_file():
+        return [Example.model_validate_json(line) for line in saved.read_text(encoding="utf-8").splitlines() if line]
+    examples = build_alignment_data(cfg, model)
+    atomic_write_text(saved, "".join(e.model_dump_json() + "\n" for e in examples))
+    return examples
 
 
 def register(parent: typer.Typer) -> None:

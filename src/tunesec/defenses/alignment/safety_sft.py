@@ -15,6 +15,14 @@ the prefix from a real harmful answer and computes the loss on the recovery only
 computes the loss on the whole assistant turn, so this implementation uses short generic openers ("Sure, here
 is") as the prefix, which the model then also learns to emit before recovering.
 
+Self-distilled helpful answers (``self_distill``): benign prompts answered by the model being aligned itself
+(greedy), refusals dropped. Refusals are short and alike, so a small model fits them far more easily than
+human-written helpful answers, and it learns "a question -> refuse" (measured on SmolLM2-135M: 65% refusal of
+XSTest's safe prompts with a human-only helpful mix). Answers in the model's own words cost it almost no loss,
+so they hold its helpful behaviour in place while the refusals are learned; this is the self-distillation idea
+of Yang et al. 2024 ("Self-Distillation Bridges Distribution Gap in Language Model Fine-Tuning"), applied to the
+benign side of the mix. The answers are as accurate as the model is: they teach behaviour, not facts.
+
 Prompts of the evaluation sets (AdvBench, JBB, XSTest) are removed from the training mix, so the evaluation
 stays held out.
 """
@@ -75,6 +83,15 @@ class SafetySFTConfig(Config):
         default_factory=lambda: {"alpaca": 170, "dolly": 70, "tunesec-helpful": 60},
         description="Helpful-answer datasets (name or path) -> how many examples to draw from each.",
     )
+    self_distill: dict[str, int] = Field(
+        default_factory=dict,
+        description="Benign prompt datasets (name or path) -> how many prompts the model being aligned answers "
+        "itself (greedy; refusals and near-empty answers dropped) to join the helpful side of the mix.",
+    )
+    self_distill_max_new_tokens: int = Field(160, ge=16, description="Token limit of self-distilled answers.")
+    self_distill_max_prompt_chars: int = Field(
+        300, ge=20, description="Longer prompts (e.g. with a context passage) are not used for self-distillation."
+    )
     deep_alignment: float = Field(
         0.0, ge=0.0, le=1.0, description="Fraction of refusal examples given a compliant opener that recovers."
     )
@@ -88,7 +105,7 @@ class SafetySFTConfig(Config):
     seed: int = Field(0, description="Seed of the data sampling and mixing.")
     training: TrainConfig = Field(default_factory=_default_training, description="Training hyperparameters.")
 
-    @field_validator("refusal_data", "benign_data")
+    @field_validator("refusal_data", "benign_data", "self_distill")
     @classmethod
     def _non_negative(cls, v: dict[str, int]) -> dict[str, int]:
         for name, n in v.items():
@@ -133,8 +150,21 @@ def _draw(spec: str, n: int, seed: int, held_out: set[str], kind: str) -> list[E
     return rng.sample(pool, n)
 
 
-def build_alignment_data(config: SafetySFTConfig) -> list[Example]:
-    """The shuffled training mix: refusals (some deep-aligned) and helpful answers, eval prompts removed."""
+def build_alignment_data(
+    config: SafetySFTConfig,
+    model: ModelRef | str | None = None,
+    *,
+    generator: Any = None,
+    progress: bool = True,
+) -> list[Example]:
+    """The shuffled training mix: refusals (some deep-aligned) and helpful answers, eval prompts removed.
+
+    Args:
+        config: The mix.
+        model: The model being aligned; needed when ``config.self_distill`` asks for self-distilled answers.
+        generator: A ready generator for ``model`` (default: one is loaded).
+        progress: Show a progress bar while generating self-distilled answers.
+    """
     held_out = _eval_prompts(config.exclude_eval)
     rng = random.Random(config.seed)
     refusals: list[Example] = []
@@ -157,8 +187,84 @@ def build_alignment_data(config: SafetySFTConfig) -> list[Example]:
         out.append(_with_response(ex, text, kind))
     for ex in benign:
         out.append(_with_response(ex, _shorten(ex.messages[-1].content, config.max_response_chars), "helpful"))
+    if config.self_distill:
+        if model is None and generator is None:
+            raise UsageError("self_distill: self-distilled answers need the model being aligned (pass model=)")
+        used = held_out | {_norm_prompt(e.prompt) for e in out}
+        out.extend(self_distilled_answers(config, model, used, generator=generator, progress=progress))
     rng.shuffle(out)
     return out
+
+
+def self_distilled_answers(
+    config: SafetySFTConfig,
+    model: ModelRef | str | None,
+    exclude: set[str],
+    *,
+    generator: Any = None,
+    progress: bool = True,
+) -> list[Example]:
+    """Benign prompts of ``config.self_distill`` answered by ``model`` itself (see the module docstring).
+
+    From each dataset, single-turn prompts not in ``exclude`` (normalized text) and not longer than
+    ``self_distill_max_prompt_chars`` are shuffled (seeded); half again as many as asked are answered greedily,
+    and the first answers that are not refusals (``refusal-keywords``) and not near-empty are kept, cut at their
+    last sentence end when the token limit stopped them. A dataset that yields fewer keeps what it has.
+    """
+    from tunesec.attacks.base import load_data
+    from tunesec.judges import get_judge
+    from tunesec.judges.base import JudgeInput
+    from tunesec.models import GenerationConfig, get_generator
+
+    candidates: list[tuple[str, Example]] = []
+    wanted: dict[str, int] = {}
+    for spec, n in config.self_distill.items():
+        pool = [
+            e
+            for e in load_data(spec)
+            if [m.role for m in e.prompt_messages] == ["user"]
+            and len(e.prompt) <= config.self_distill_max_prompt_chars
+            and _norm_prompt(e.prompt) not in exclude
+        ]
+        random.Random(f"{config.seed}:self-distill:{spec}").shuffle(pool)
+        candidates.extend((spec, e) for e in pool[: (3 * n + 1) // 2])
+        wanted[spec] = n
+    if not candidates:
+        return []
+    gen = generator if generator is not None else get_generator(model if model is not None else "")
+    gens = gen.generate(
+        [e.prompt for _, e in candidates],
+        GenerationConfig(max_new_tokens=config.self_distill_max_new_tokens),
+        progress=progress,
+    )
+    verdicts = get_judge("refusal-keywords").score(
+        [JudgeInput(prompt=e.prompt, response=g.text) for (_, e), g in zip(candidates, gens, strict=True)]
+    )
+    kept: list[Example] = []
+    count = dict.fromkeys(wanted, 0)
+    for (spec, ex), g, v in zip(candidates, gens, verdicts, strict=True):
+        text = g.text.strip()
+        if count[spec] >= wanted[spec] or v.refused or len(text) < 40:
+            continue
+        if g.finish_reason == "length":
+            end = max(text.rfind(". "), text.rfind(".\n"), text.rfind("! "), text.rfind("? "))
+            if end < 40:
+                continue
+            text = text[: end + 1]
+        count[spec] += 1
+        kept.append(
+            Example(
+                id=f"self-distilled-{ex.id}",
+                messages=[
+                    *ex.prompt_messages,
+                    Message(role="assistant", content=_shorten(text, config.max_response_chars)),
+                ],
+                source=f"self-distilled:{ex.source}",
+                category=ex.category,
+                meta={"align_kind": "helpful", "self_distilled": True},
+            )
+        )
+    return kept
 
 
 def _with_response(ex: Example, text: str, kind: str) -> Example:
@@ -212,9 +318,10 @@ class SafetySFT:
         """
         from tunesec.attacks.base import finetune_with_provenance
 
-        examples = list(data) if data is not None else build_alignment_data(self.config)
+        examples = list(data) if data is not None else build_alignment_data(self.config, model, progress=progress)
         kinds = {k: sum(1 for e in examples if e.meta.get("align_kind") == k) for k in ("refusal", "deep-refusal")}
         kinds["helpful"] = len(examples) - kinds["refusal"] - kinds["deep-refusal"]
+        kinds["self-distilled"] = sum(1 for e in examples if e.meta.get("self_distilled"))
         return finetune_with_provenance(
             component={"defense": self.name},
             parent=model,
