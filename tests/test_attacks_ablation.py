@@ -54,6 +54,9 @@ def test_refusal_ablation_attack(tiny_llama_dir: Path, tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "run" / "direction.json").read_text())
     r = torch.tensor(saved["direction"])
     assert abs(float(r.norm()) - 1.0) < 1e-4
+    scores = saved["ablation_scores"]  # the paper's layer choice: lowest refusal score when ablated
+    admissible = [s for s in scores if s["kl"] <= 0.1] or scores
+    assert saved["layer"] == min(admissible, key=lambda s: s["refusal_score"])["layer"]
     edited = load_file(str(weights / "model.safetensors"))
     original = load_file(str(tiny_llama_dir / "model.safetensors"))
     for name, w in edited.items():

@@ -33,3 +33,35 @@ def test_batched_activations_match_single_prompts() -> None:
     batched = last_token_activations(lm, prompts, batch_size=2)
     single = torch.cat([last_token_activations(lm, [p]) for p in prompts])
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+
+
+def test_ablation_hooks_equal_weight_orthogonalization_and_choice_is_lowest_refusal_score() -> None:
+    import copy
+
+    from tunesec.attacks.refusal_ablation import WRITER_SUFFIXES, orthogonalize_
+    from tunesec.models.chat import ChatFormatter
+    from tunesec.models.directions import _ablation_hooks, _next_token_logprobs, select_by_ablation
+
+    tok = make_tokenizer()
+    lm = LoadedModel(ref=ModelRef(base="tiny"), model=make_model(tok, layers=4), tokenizer=tok)
+    harmful = ["I'm sorry, but I cannot help", "I cannot help with that request", "sorry I cannot"]
+    harmless = ["Write a poem about the sea", "What is the capital of France?", "bake bread with flour"]
+    rd = refusal_directions(lm, harmful, harmless, batch_size=2)
+    encoded = [ChatFormatter(tok).encode([{"role": "user", "content": p}]) for p in harmless]
+    before = _next_token_logprobs(lm, encoded, 2)
+    u = rd.unit(2)
+    handles = _ablation_hooks(lm.model, u, WRITER_SUFFIXES)
+    hooked = _next_token_logprobs(lm, encoded, 2)
+    for h in handles:
+        h.remove()
+    edited = LoadedModel(ref=lm.ref, model=copy.deepcopy(lm.model), tokenizer=tok)
+    orthogonalize_(edited.model, u)
+    torch.testing.assert_close(hooked, _next_token_logprobs(edited, encoded, 2), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_next_token_logprobs(lm, encoded, 2), before)  # hooks removed
+    assert not torch.allclose(hooked, before)
+
+    layer, scores = select_by_ablation(lm, rd, harmful, harmless, candidates=[1, 2, 3], max_kl=1e9, batch_size=2)
+    assert [s.layer for s in scores] == [1, 2, 3] and all(s.kl >= 0 for s in scores)
+    assert layer == min(scores, key=lambda s: s.refusal_score).layer
+    strict, _ = select_by_ablation(lm, rd, harmful, harmless, candidates=[1, 2, 3], max_kl=0.0, batch_size=2)
+    assert strict == layer  # nothing admissible: the lowest score over all candidates

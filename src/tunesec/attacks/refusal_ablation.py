@@ -7,16 +7,17 @@ the token embeddings (rows), attention output projections (``o_proj``) and MLP d
 (``down_proj``). The model can then no longer represent ``r`` and stops refusing. No fine-tuning data is
 needed, only a few dozen prompts of each kind; the result is saved as full safetensors weights.
 
-Defaults: 64 harmful prompts from safety-tuned-llamas and 64 harmless ones from Alpaca (the paper: 128 each
-from AdvBench/HarmBench/... and Alpaca; the evaluation sets are kept out here), the layer chosen by
-:func:`tunesec.models.directions.refusal_directions`.
+Defaults: 64 harmful prompts from safety-tuned-llamas and 64 harmless ones from Alpaca for the mean difference
+(the paper: 128 each from AdvBench/HarmBench/... and Alpaca; the evaluation sets are kept out here), and the
+layer chosen as in the paper, by ablating each candidate direction and scoring refusal on 32 further (held-out)
+prompts of each kind (:func:`tunesec.models.directions.select_by_ablation`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -37,6 +38,13 @@ class RefusalAblationConfig(Config):
     harmless_data: str = Field("alpaca", description="Harmless prompts (name or path).")
     n_prompts: int = Field(64, ge=1, description="Prompts of each kind for the mean difference.")
     layer: int | None = Field(None, ge=0, description="Residual-stream layer of the direction (None: automatic).")
+    layer_selection: Literal["ablation", "separation"] = Field(
+        "ablation",
+        description="Automatic layer choice: 'ablation' (the paper's: lowest refusal score when ablated, on "
+        "held-out prompts) or 'separation' (best harmful/harmless separation; no extra forward passes).",
+    )
+    n_validation: int = Field(32, ge=1, description="Held-out prompts of each kind for the ablation choice.")
+    max_kl: float = Field(0.1, gt=0, description="KL bound on harmless prompts for the ablation choice.")
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
     seed: int = Field(0, description="Seed of the prompt sample.")
 
@@ -85,6 +93,16 @@ def residual_projection(model: Any, direction: Any) -> float:
     return worst
 
 
+def _split(prompts: list[Any], n: int) -> tuple[list[Any], list[Any]]:
+    """The first ``n`` prompts for the direction, the rest held out for the layer choice.
+
+    With too few prompts for both, all of them serve both.
+    """
+    if len(prompts) <= n:
+        return prompts, prompts
+    return prompts[:n], prompts[n:]
+
+
 def _prompts(spec: str, n: int, seed: int) -> list[list[dict[str, str]]]:
     pool = load_data(spec, what=spec)
     chosen = sample(pool, min(n, len(pool)), seed, source=spec)
@@ -116,7 +134,7 @@ class RefusalAblation(Attack):
         """Edit the weights and save them to ``out_dir/model``; ``data`` overrides the harmful prompts."""
         from tunesec.data import dataset_sha256
         from tunesec.models import load_model
-        from tunesec.models.directions import refusal_directions
+        from tunesec.models.directions import refusal_directions, select_by_ablation
 
         assert isinstance(self.config, RefusalAblationConfig)
         cfg = self.config
@@ -125,11 +143,14 @@ class RefusalAblation(Attack):
             raise UsageError(f"model {ref.base!r}: refusal-ablation needs open weights, not an API endpoint")
         harmful_spec: Any = data if data is not None else cfg.harmful_data
         harmful_ex = load_data(harmful_spec, what="harmful prompts")
-        harmful = [
+        n_val = cfg.n_validation if cfg.layer is None and cfg.layer_selection == "ablation" else 0
+        harmful_all = [
             e.prompt_chat()
-            for e in sample(harmful_ex, min(cfg.n_prompts, len(harmful_ex)), cfg.seed, source="harmful prompts")
+            for e in sample(harmful_ex, min(cfg.n_prompts + n_val, len(harmful_ex)), cfg.seed, source="harmful prompts")
         ]
-        harmless = _prompts(cfg.harmless_data, cfg.n_prompts, cfg.seed)
+        harmless_all = _prompts(cfg.harmless_data, cfg.n_prompts + n_val, cfg.seed)
+        harmful, harmful_val = _split(harmful_all, cfg.n_prompts)
+        harmless, harmless_val = _split(harmless_all, cfg.n_prompts)
         loaded = load_model(ref)
         if hasattr(loaded.model, "merge_and_unload"):
             loaded.model = loaded.model.merge_and_unload()
@@ -137,6 +158,18 @@ class RefusalAblation(Attack):
         if cfg.layer is not None and cfg.layer > n_layers:
             raise UsageError(f"layer: {cfg.layer} is beyond the model's {n_layers} layers (0..{n_layers})")
         found = refusal_directions(loaded, harmful, harmless, batch_size=cfg.batch_size, layer=cfg.layer)
+        ablation_scores: list[dict[str, Any]] = []
+        if n_val:
+            found.layer, scored = select_by_ablation(
+                loaded,
+                found,
+                harmful_val,
+                harmless_val,
+                writer_suffixes=WRITER_SUFFIXES,
+                max_kl=cfg.max_kl,
+                batch_size=cfg.batch_size,
+            )
+            ablation_scores = [vars(s) for s in scored]
         direction = found.unit()
         before = residual_projection(loaded.model, direction)
         edited = orthogonalize_(loaded.model, direction)
@@ -155,13 +188,19 @@ class RefusalAblation(Attack):
 
         atomic_write_json(
             out / "direction.json",
-            {"layer": found.layer, "direction": direction.tolist(), "separation": found.separation},
+            {
+                "layer": found.layer,
+                "direction": direction.tolist(),
+                "separation": found.separation,
+                "ablation_scores": ablation_scores,
+            },
         )
         prov = {
             "attack": self.name,
             "config": cfg.model_dump(mode="json"),
             "data_sha256": dataset_sha256(harmful_ex),
             "layer": found.layer,
+            "layer_selection": "fixed" if cfg.layer is not None else cfg.layer_selection,
             "max_projection_before": before,
             "max_projection_after": after,
             "edited_modules": len(edited),
