@@ -65,3 +65,18 @@ def test_ablation_hooks_equal_weight_orthogonalization_and_choice_is_lowest_refu
     assert layer == min(scores, key=lambda s: s.refusal_score).layer
     strict, _ = select_by_ablation(lm, rd, harmful, harmless, candidates=[1, 2, 3], max_kl=0.0, batch_size=2)
     assert strict == layer  # nothing admissible: the lowest score over all candidates
+
+
+def test_generation_ranking_measures_refusal_under_ablation() -> None:
+    from tunesec.models.directions import select_by_ablation
+
+    tok = make_tokenizer()
+    lm = LoadedModel(ref=ModelRef(base="tiny"), model=make_model(tok, layers=4), tokenizer=tok)
+    harmful = ["I'm sorry, but I cannot help", "I cannot help with that request", "sorry I cannot"]
+    harmless = ["Write a poem about the sea", "What is the capital of France?", "bake bread with flour"]
+    rd = refusal_directions(lm, harmful, harmless, batch_size=2)
+    layer, scores = select_by_ablation(
+        lm, rd, harmful, harmless, candidates=[1, 2, 3], max_kl=1e9, batch_size=2, generate_tokens=4
+    )
+    assert all(s.refusal_rate is not None and 0.0 <= s.refusal_rate <= 1.0 for s in scores)
+    assert layer == min(scores, key=lambda s: (s.refusal_rate, s.refusal_score)).layer

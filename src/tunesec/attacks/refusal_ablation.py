@@ -44,7 +44,15 @@ class RefusalAblationConfig(Config):
         "held-out prompts) or 'separation' (best harmful/harmless separation; no extra forward passes).",
     )
     n_validation: int = Field(32, ge=1, description="Held-out prompts of each kind for the ablation choice.")
-    max_kl: float = Field(0.1, gt=0, description="KL bound on harmless prompts for the ablation choice.")
+    max_kl: float = Field(
+        0.5,
+        gt=0,
+        description="KL bound on harmless prompts for the ablation choice (the paper's 0.1 is for 2B-72B models; "
+        "on SmolLM2-135M 16 of 18 candidate layers exceed it).",
+    )
+    validation_tokens: int = Field(
+        24, ge=0, description="Greedy tokens per held-out harmful prompt to rank candidates by refusal rate (0: off)."
+    )
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
     seed: int = Field(0, description="Seed of the prompt sample.")
 
@@ -168,6 +176,7 @@ class RefusalAblation(Attack):
                 writer_suffixes=WRITER_SUFFIXES,
                 max_kl=cfg.max_kl,
                 batch_size=cfg.batch_size,
+                generate_tokens=cfg.validation_tokens,
             )
             ablation_scores = [vars(s) for s in scored]
         direction = found.unit()

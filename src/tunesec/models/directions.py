@@ -12,9 +12,11 @@ choices lie), the one where harmful and harmless activations are best separated 
 paper's criterion (section 2.3): each candidate direction is ablated (projected out of every residual-stream
 write, exactly what weight orthogonalization does) and scored by the refusal score on held-out harmful prompts,
 the log-odds of a refusal opener as the first answer token; candidates whose ablation shifts the next-token
-distribution on harmless prompts by a mean KL above ``max_kl`` are set aside. The separation heuristic can pick a
-direction whose ablation leaves refusal intact (measured on the shipped aligned SmolLM2: layer 13, refusal 90%
--> 90%), so the ``refusal-ablation`` attack uses the paper's criterion by default.
+distribution on harmless prompts by a mean KL above ``max_kl`` are set aside. Small models spread their
+first-token mass, so with ``generate_tokens`` the remaining candidates are ranked by the refusal rate of short
+greedy answers under the ablation. The separation heuristic can pick a direction whose ablation leaves refusal
+intact (measured on the shipped aligned SmolLM2: layer 13, refusal 90% -> 90%), so the ``refusal-ablation``
+attack uses the ablation criterion by default.
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ class AblationScore:
     layer: int
     refusal_score: float
     kl: float
+    refusal_rate: float | None = None
 
 
 def _next_token_logprobs(loaded: LoadedModel, encoded: list[list[int]], batch_size: int) -> Any:
@@ -210,6 +213,7 @@ def select_by_ablation(
     candidates: Sequence[int] | None = None,
     max_kl: float = 0.1,
     batch_size: int = 16,
+    generate_tokens: int = 0,
 ) -> tuple[int, list[AblationScore]]:
     """The paper's layer choice: the candidate whose ablation most lowers refusal on held-out harmful prompts.
 
@@ -223,6 +227,11 @@ def select_by_ablation(
         max_kl: Candidates with a larger mean KL(original || ablated) on harmless prompts are used only when
             every candidate exceeds it.
         batch_size: Prompts per forward pass.
+        generate_tokens: When > 0, also decode this many tokens greedily for each harmful prompt under each
+            candidate's ablation and rank by the ``refusal-keywords`` refusal rate first (the refusal score
+            second). The first-token score is a weak proxy on small models, whose probability mass on the first
+            token is spread out (measured on the aligned SmolLM2-135M: 90% refusals in generation with only 35%
+            of the first-token mass on refusal openers).
 
     Returns:
         The chosen layer and every candidate's scores.
@@ -250,4 +259,34 @@ def select_by_ablation(
         kl = float((reference.exp() * (reference - safe_lp)).sum(-1).mean())
         scores.append(AblationScore(layer=layer, refusal_score=score, kl=kl))
     admissible = [s for s in scores if s.kl <= max_kl] or scores
-    return min(admissible, key=lambda s: s.refusal_score).layer, scores
+    if generate_tokens > 0:
+        for cand in admissible:
+            cand.refusal_rate = _ablated_refusal_rate(
+                loaded, found.unit(cand.layer), harmful_prompts, writer_suffixes, generate_tokens
+            )
+        best = min(admissible, key=lambda s: (s.refusal_rate, s.refusal_score))
+    else:
+        best = min(admissible, key=lambda s: s.refusal_score)
+    return best.layer, scores
+
+
+def _ablated_refusal_rate(
+    loaded: LoadedModel, direction: Any, prompts: Sequence[Prompt], writer_suffixes: Sequence[str], tokens: int
+) -> float:
+    """Share of greedy answers (``tokens`` long) that ``refusal-keywords`` calls refusals, under ablation."""
+    from tunesec.judges import get_judge
+    from tunesec.judges.base import JudgeInput
+    from tunesec.models.generation import HFGenerator
+    from tunesec.models.types import GenerationConfig
+
+    handles = _ablation_hooks(loaded.model, direction, writer_suffixes)
+    try:
+        gens = HFGenerator(loaded).generate(list(prompts), GenerationConfig(max_new_tokens=tokens), progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+    judged = get_judge("refusal-keywords").score(
+        [JudgeInput(prompt=t, response=g.text) for t, g in zip(texts, gens, strict=True)]
+    )
+    return sum(bool(v.refused) for v in judged) / max(1, len(judged))
