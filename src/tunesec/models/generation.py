@@ -211,8 +211,8 @@ class _Decoder:
         """Prefill the next prompts from ``queue`` and merge them into the batch; returns all rows' logits.
 
         The prompts are prefilled in chunks of similar length (:func:`_prefill_chunks`): one forward pass over a
-        whole batch padded to its longest prompt spends most of its compute on padding and, with tens of
-        thousands of token rows, runs the matmuls at half the rate that chunks of a thousand tokens reach.
+        whole batch padded to its longest prompt can spend most of its compute on padding and, with thousands of
+        token rows, runs the matmuls at half the rate that chunks of a thousand tokens reach (measured on CPU).
         """
         take = [queue.pop(0) for _ in range(min(self.batch_size - len(self.rows), len(queue)))]
         if not take:
