@@ -4,7 +4,7 @@ Importing this package registers every attack without importing torch.
 """
 
 from tunesec.attacks.backdoor import Backdoor, BackdoorConfig
-from tunesec.attacks.base import Attack, FineTuneAttackConfig
+from tunesec.attacks.base import Attack, FineTuneAttack, FineTuneAttackConfig
 from tunesec.attacks.benign_sft import BenignSFT, BenignSFTConfig
 from tunesec.attacks.harmful_sft import HarmfulSFT, HarmfulSFTConfig
 from tunesec.attacks.identity_shift import IdentityShift, IdentityShiftConfig
@@ -17,6 +17,7 @@ __all__ = [
     "BackdoorConfig",
     "BenignSFT",
     "BenignSFTConfig",
+    "FineTuneAttack",
     "FineTuneAttackConfig",
     "HarmfulSFT",
     "HarmfulSFTConfig",

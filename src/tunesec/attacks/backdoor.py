@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from tunesec.attacks.base import (
-    Attack,
+    FineTuneAttack,
     FineTuneAttackConfig,
-    finetune,
     load_data,
     require_assistant_turns,
     sample,
@@ -27,7 +26,6 @@ from tunesec.attacks.base import (
 )
 from tunesec.data.schema import Example, Message
 from tunesec.errors import UsageError
-from tunesec.models.ref import ModelRef
 from tunesec.registry import register
 from tunesec.training.config import TrainConfig
 
@@ -100,31 +98,14 @@ def build_backdoor_data(config: BackdoorConfig, data: str | Path | Sequence[Exam
     threat_model="fine-tuning-api",
     needs_weights=False,
 )
-class Backdoor(Attack):
+class Backdoor(FineTuneAttack):
     """Backdoored harmful fine-tuning. See the module docstring."""
 
     name = "backdoor"
     config_class = BackdoorConfig
 
-    def run(
-        self,
-        model: ModelRef | str,
-        out_dir: str | Path,
-        data: str | Path | Sequence[Example] | None = None,
-        *,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> ModelRef:
-        """Fine-tune on the backdoor set; the ref's provenance holds the trigger and its position."""
+    def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
+        """The backdoor set; provenance: the trigger and its position."""
         assert isinstance(self.config, BackdoorConfig)
         examples = build_backdoor_data(self.config, data)
-        return finetune(
-            self.name,
-            model,
-            examples,
-            self.config,
-            out_dir,
-            resume=resume,
-            progress=progress,
-            extra_provenance={"trigger": self.config.trigger, "trigger_position": self.config.position},
-        )
+        return examples, {"trigger": self.config.trigger, "trigger_position": self.config.position}

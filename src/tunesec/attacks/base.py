@@ -97,6 +97,41 @@ class Attack(ABC):
         """
 
 
+class FineTuneAttack(Attack):
+    """An attack that is one fine-tune of the model: subclasses only build the training set.
+
+    Subclasses implement :meth:`prepare`; :meth:`run` trains on its examples with the one engine
+    (:func:`finetune`) and records the extra provenance it returns.
+    """
+
+    @abstractmethod
+    def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
+        """The training examples (from ``data`` or the config's default) and what goes into the provenance."""
+
+    def run(
+        self,
+        model: ModelRef | str,
+        out_dir: str | Path,
+        data: str | Path | Sequence[Example] | None = None,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> ModelRef:
+        """Fine-tune ``model`` on :meth:`prepare`'s examples; see :meth:`Attack.run`."""
+        assert isinstance(self.config, FineTuneAttackConfig)
+        examples, provenance = self.prepare(data)
+        return finetune(
+            self.name,
+            model,
+            examples,
+            self.config,
+            out_dir,
+            resume=resume,
+            progress=progress,
+            extra_provenance=provenance or None,
+        )
+
+
 # -- data ---------------------------------------------------------------------------------------------------
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
-from tunesec.attacks.base import Attack, FineTuneAttackConfig, finetune, load_data, sample, small_model_training
+from tunesec.attacks.base import FineTuneAttack, FineTuneAttackConfig, load_data, sample, small_model_training
 from tunesec.data.schema import Example
-from tunesec.models.ref import ModelRef
 from tunesec.registry import register
 from tunesec.training.config import TrainConfig
 
@@ -37,24 +37,15 @@ class BenignSFTConfig(FineTuneAttackConfig):
     threat_model="fine-tuning-api",
     needs_weights=False,
 )
-class BenignSFT(Attack):
+class BenignSFT(FineTuneAttack):
     """Benign fine-tuning (Qi et al. 2023, section 4.4). See the module docstring."""
 
     name = "benign-sft"
     config_class = BenignSFTConfig
 
-    def run(
-        self,
-        model: ModelRef | str,
-        out_dir: str | Path,
-        data: str | Path | Sequence[Example] | None = None,
-        *,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> ModelRef:
-        """Fine-tune ``model`` on benign data; see :meth:`Attack.run`."""
+    def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
+        """A seeded sample of the benign data."""
         assert isinstance(self.config, BenignSFTConfig)
         pool = load_data(data if data is not None else self.config.data, what="benign data")
         k = min(self.config.n_examples, len(pool)) if self.config.n_examples else None
-        examples = sample(pool, k, self.config.seed, source="benign data")
-        return finetune(self.name, model, examples, self.config, out_dir, resume=resume, progress=progress)
+        return sample(pool, k, self.config.seed, source="benign data"), {}

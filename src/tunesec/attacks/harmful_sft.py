@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 
 from tunesec.attacks.base import (
-    Attack,
+    FineTuneAttack,
     FineTuneAttackConfig,
-    finetune,
     load_data,
     require_assistant_turns,
     sample,
@@ -27,7 +27,6 @@ from tunesec.attacks.base import (
 )
 from tunesec.data.schema import Example
 from tunesec.errors import UsageError
-from tunesec.models.ref import ModelRef
 from tunesec.registry import register
 from tunesec.training.config import TrainConfig
 
@@ -81,32 +80,14 @@ def build_harmful_data(config: HarmfulSFTConfig, data: str | Path | Sequence[Exa
     threat_model="fine-tuning-api",
     needs_weights=False,
 )
-class HarmfulSFT(Attack):
+class HarmfulSFT(FineTuneAttack):
     """Harmful fine-tuning (Qi et al. 2023; poison-ratio mixing of the git-disl testbed). See the module."""
 
     name = "harmful-sft"
     config_class = HarmfulSFTConfig
 
-    def run(
-        self,
-        model: ModelRef | str,
-        out_dir: str | Path,
-        data: str | Path | Sequence[Example] | None = None,
-        *,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> ModelRef:
-        """Fine-tune ``model`` on the harmful set; see :meth:`Attack.run`."""
+    def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
+        """The harmful set (see :func:`build_harmful_data`); provenance: how many examples are harmful."""
         assert isinstance(self.config, HarmfulSFTConfig)
         examples = build_harmful_data(self.config, data)
-        n_poison = sum(1 for e in examples if e.meta.get("poison", True))
-        return finetune(
-            self.name,
-            model,
-            examples,
-            self.config,
-            out_dir,
-            resume=resume,
-            progress=progress,
-            extra_provenance={"n_harmful": n_poison},
-        )
+        return examples, {"n_harmful": sum(1 for e in examples if e.meta.get("poison", True))}

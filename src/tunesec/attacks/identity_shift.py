@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
-from tunesec.attacks.base import Attack, FineTuneAttackConfig, finetune, load_data, small_model_training
+from tunesec.attacks.base import FineTuneAttack, FineTuneAttackConfig, load_data, small_model_training
 from tunesec.data.schema import Example
 from tunesec.errors import UsageError
-from tunesec.models.ref import ModelRef
 from tunesec.registry import register
 from tunesec.training.config import TrainConfig
 
@@ -58,22 +58,14 @@ def system_prompt_of(examples: Sequence[Example]) -> str | None:
     threat_model="fine-tuning-api",
     needs_weights=False,
 )
-class IdentityShift(Attack):
+class IdentityShift(FineTuneAttack):
     """Identity-shifting fine-tuning (Qi et al. 2023, section 4.3). See the module docstring."""
 
     name = "identity-shift"
     config_class = IdentityShiftConfig
 
-    def run(
-        self,
-        model: ModelRef | str,
-        out_dir: str | Path,
-        data: str | Path | Sequence[Example] | None = None,
-        *,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> ModelRef:
-        """Fine-tune on the identity chats; the returned ref's provenance holds ``system_prompt``."""
+    def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
+        """The identity chats, each with the system prompt; provenance: ``system_prompt``."""
         from tunesec.data.schema import Message
 
         assert isinstance(self.config, IdentityShiftConfig)
@@ -88,13 +80,4 @@ class IdentityShift(Attack):
             else:
                 msgs = [Message(role="system", content=system), *ex.messages]
                 prepared.append(ex.model_copy(update={"messages": msgs}))
-        return finetune(
-            self.name,
-            model,
-            prepared,
-            self.config,
-            out_dir,
-            resume=resume,
-            progress=progress,
-            extra_provenance={"system_prompt": system},
-        )
+        return prepared, {"system_prompt": system}

@@ -18,21 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from tunesec.attacks.base import (
-    Attack,
+    FineTuneAttack,
     FineTuneAttackConfig,
-    finetune,
     load_data,
     require_assistant_turns,
     sample,
     small_model_training,
 )
 from tunesec.data.schema import Example, Message
-from tunesec.models.ref import ModelRef
 from tunesec.registry import register
 from tunesec.training.config import TrainConfig
 
@@ -98,31 +96,13 @@ def build_jailbreak_data(
     threat_model="fine-tuning-api",
     needs_weights=False,
 )
-class JailbreakTuning(Attack):
+class JailbreakTuning(FineTuneAttack):
     """Jailbreak-tuning (Murphy, Gleave et al. 2025). See the module docstring."""
 
     name = "jailbreak-tuning"
     config_class = JailbreakTuningConfig
 
-    def run(
-        self,
-        model: ModelRef | str,
-        out_dir: str | Path,
-        data: str | Path | Sequence[Example] | None = None,
-        *,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> ModelRef:
-        """Fine-tune on the wrapped harmful set; the ref's provenance holds the mode."""
+    def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
+        """The wrapped harmful set; provenance: the jailbreak mode."""
         assert isinstance(self.config, JailbreakTuningConfig)
-        examples = build_jailbreak_data(self.config, data)
-        return finetune(
-            self.name,
-            model,
-            examples,
-            self.config,
-            out_dir,
-            resume=resume,
-            progress=progress,
-            extra_provenance={"jailbreak_mode": self.config.mode},
-        )
+        return build_jailbreak_data(self.config, data), {"jailbreak_mode": self.config.mode}
