@@ -21,7 +21,7 @@ attack uses the ablation criterion by default.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,31 +62,31 @@ def last_token_activations(
     import torch
 
     fmt = ChatFormatter(loaded.tokenizer)
-    model = loaded.model
-    device = next(model.parameters()).device
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     encoded = [fmt.encode(as_chat(p, system_prompt)) for p in prompts]
     out: list[Any] = []
     with torch.inference_mode():
-        for start in range(0, len(encoded), batch_size):
-            batch = encoded[start : start + batch_size]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, e in enumerate(batch):
-                ids[r, width - len(e) :] = torch.tensor(e)
-                mask[r, width - len(e) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            res = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                output_hidden_states=True,
-                use_cache=False,
-                logits_to_keep=1,
-            )
+        for inputs in _left_padded_batches(loaded, encoded, batch_size):
+            res = loaded.model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
             out.append(torch.stack([h[:, -1, :].float().cpu() for h in res.hidden_states], dim=1))
     return torch.cat(out, dim=0)
+
+
+def _left_padded_batches(loaded: LoadedModel, encoded: list[list[int]], batch_size: int) -> Iterator[dict[str, Any]]:
+    """Forward-pass inputs (ids, attention mask, per-row positions) of left-padded batches of ``encoded``."""
+    import torch
+
+    device = next(loaded.model.parameters()).device
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, e in enumerate(batch):
+            ids[r, width - len(e) :] = torch.tensor(e)
+            mask[r, width - len(e) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        yield {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 
 def refusal_directions(
@@ -163,27 +163,10 @@ class AblationScore:
 def _next_token_logprobs(loaded: LoadedModel, encoded: list[list[int]], batch_size: int) -> Any:
     import torch
 
-    model = loaded.model
-    device = next(model.parameters()).device
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     out: list[Any] = []
     with torch.inference_mode():
-        for start in range(0, len(encoded), batch_size):
-            batch = encoded[start : start + batch_size]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, e in enumerate(batch):
-                ids[r, width - len(e) :] = torch.tensor(e)
-                mask[r, width - len(e) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=False,
-                logits_to_keep=1,
-            ).logits[:, -1, :]
+        for inputs in _left_padded_batches(loaded, encoded, batch_size):
+            logits = loaded.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :]
             out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
     return torch.cat(out)
 
