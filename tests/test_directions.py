@@ -9,12 +9,18 @@ from tunesec.models.directions import last_token_activations, refusal_directions
 from tunesec.models.loading import LoadedModel
 from tunesec.models.ref import ModelRef
 
+HARMFUL = ["I'm sorry, but I cannot help", "I cannot help with that request", "sorry I cannot"]
+HARMLESS = ["Write a poem about the sea", "What is the capital of France?", "bake bread with flour"]
+
+
+def _tiny(**model_kwargs: int) -> LoadedModel:
+    tok = make_tokenizer()
+    return LoadedModel(ref=ModelRef(base="tiny"), model=make_model(tok, **model_kwargs), tokenizer=tok)
+
 
 def test_direction_is_mean_difference_and_separates_groups() -> None:
-    tok = make_tokenizer()
-    lm = LoadedModel(ref=ModelRef(base="tiny"), model=make_model(tok, layers=3), tokenizer=tok)
-    harmful = ["I'm sorry, but I cannot help", "I cannot help with that request", "sorry I cannot"]
-    harmless = ["Write a poem about the sea", "What is the capital of France?", "bake bread with flour"]
+    lm = _tiny(layers=3)
+    harmful, harmless = HARMFUL, HARMLESS
     rd = refusal_directions(lm, harmful, harmless, batch_size=2)
     assert rd.directions.shape == (4, 64)
     acts_h = last_token_activations(lm, harmful)
@@ -27,8 +33,7 @@ def test_direction_is_mean_difference_and_separates_groups() -> None:
 
 
 def test_batched_activations_match_single_prompts() -> None:
-    tok = make_tokenizer()
-    lm = LoadedModel(ref=ModelRef(base="tiny"), model=make_model(tok), tokenizer=tok)
+    lm = _tiny()
     prompts = ["hello", "Write a poem about the sea and the sky, please"]
     batched = last_token_activations(lm, prompts, batch_size=2)
     single = torch.cat([last_token_activations(lm, [p]) for p in prompts])
@@ -42,10 +47,9 @@ def test_ablation_hooks_equal_weight_orthogonalization_and_choice_is_lowest_refu
     from tunesec.models.chat import ChatFormatter
     from tunesec.models.directions import _ablation_hooks, _next_token_logprobs, select_by_ablation
 
-    tok = make_tokenizer()
-    lm = LoadedModel(ref=ModelRef(base="tiny"), model=make_model(tok, layers=4), tokenizer=tok)
-    harmful = ["I'm sorry, but I cannot help", "I cannot help with that request", "sorry I cannot"]
-    harmless = ["Write a poem about the sea", "What is the capital of France?", "bake bread with flour"]
+    lm = _tiny(layers=4)
+    tok = lm.tokenizer
+    harmful, harmless = HARMFUL, HARMLESS
     rd = refusal_directions(lm, harmful, harmless, batch_size=2)
     encoded = [ChatFormatter(tok).encode([{"role": "user", "content": p}]) for p in harmless]
     before = _next_token_logprobs(lm, encoded, 2)
@@ -70,10 +74,8 @@ def test_ablation_hooks_equal_weight_orthogonalization_and_choice_is_lowest_refu
 def test_generation_ranking_measures_refusal_under_ablation() -> None:
     from tunesec.models.directions import select_by_ablation
 
-    tok = make_tokenizer()
-    lm = LoadedModel(ref=ModelRef(base="tiny"), model=make_model(tok, layers=4), tokenizer=tok)
-    harmful = ["I'm sorry, but I cannot help", "I cannot help with that request", "sorry I cannot"]
-    harmless = ["Write a poem about the sea", "What is the capital of France?", "bake bread with flour"]
+    lm = _tiny(layers=4)
+    harmful, harmless = HARMFUL, HARMLESS
     rd = refusal_directions(lm, harmful, harmless, batch_size=2)
     layer, scores = select_by_ablation(
         lm, rd, harmful, harmless, candidates=[1, 2, 3], max_kl=1e9, batch_size=2, generate_tokens=4
