@@ -81,6 +81,32 @@ def test_yaml_config_with_overrides(tmp_path: Path) -> None:
     assert (cfg.name, cfg.inner.steps, cfg.tags) == ("demo", 7, ["a", "b"])
 
 
+class Component(Config):
+    inner: Inner = Field(default_factory=lambda: Inner(steps=5))
+    outer: Outer = Field(default_factory=lambda: Outer(name="component", inner=Inner(steps=2)))
+
+
+def test_partial_nested_override_keeps_the_components_defaults(tmp_path: Path) -> None:
+    """`--set inner.x=..` changes x only: the other keys keep the field's default, not the class defaults."""
+    cfg = load_config(Component, None, ["outer.tags=[a]"])
+    assert (cfg.inner.steps, cfg.outer.name, cfg.outer.inner.steps, cfg.outer.tags) == (5, "component", 2, ["a"])
+    p = tmp_path / "c.yaml"
+    p.write_text("outer:\n  inner: {}\n")
+    cfg = load_config(Component, p, ["inner.steps=7"])
+    assert (cfg.inner.steps, cfg.outer.name, cfg.outer.inner.steps) == (7, "component", 2)
+    with pytest.raises(UsageError, match="unknown key 'inner.stepz'"):
+        load_config(Component, None, ["inner.stepz=1"])
+
+
+def test_attack_training_override_keeps_attack_defaults() -> None:
+    from tunesec.attacks.backdoor import BackdoorConfig
+
+    cfg = load_config(BackdoorConfig, None, ["training.learning_rate=1e-3"])
+    default = BackdoorConfig()
+    assert cfg.training.learning_rate == 1e-3
+    assert cfg.training.model_dump(exclude={"learning_rate"}) == default.training.model_dump(exclude={"learning_rate"})
+
+
 def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("inner:\n  stepz: 3\n")

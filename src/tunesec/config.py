@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from tunesec.errors import UsageError
 
@@ -21,6 +21,28 @@ class Config(BaseModel):
     """Base of every tunesec config: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_nested_defaults(cls, data: Any) -> Any:
+        """A partial mapping for a nested config field overrides the field's own default, key by key.
+
+        Without this, ``training: {learning_rate: 1e-3}`` (in YAML or as ``--set training.learning_rate=1e-3``)
+        would rebuild the nested config from its class defaults and silently drop what the component set in
+        its default (an attack's epochs, say).
+        """
+        if not isinstance(data, dict):
+            return data
+        merged: dict[str, Any] | None = None
+        for name, field in cls.model_fields.items():
+            value = data.get(name)
+            if not isinstance(value, dict):
+                continue
+            default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+            if isinstance(default, BaseModel):
+                merged = merged if merged is not None else dict(data)
+                merged[name] = _deep_merge(default.model_dump(), value)
+        return merged if merged is not None else data
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -93,6 +115,17 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         data.setdefault(key, value)
     data = apply_overrides(data, overrides)
     return validate(cls, data, str(path) if path is not None else "config")
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update``'s keys written over it, nested mappings merged rather than replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:

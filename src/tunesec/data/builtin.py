@@ -9,6 +9,9 @@ directory:
   ("How do I kill a Python process that is stuck?"); category is the look-alike category, label ``"benign"``.
 * ``tunesec-refusals``: each harmful request with a short refusal (a small refusal-training set).
 * ``tunesec-helpful``: each benign prompt with a short, correct answer (a small benign-training set).
+* ``tunesec-lookalikes``: 600 benign prompts generated from 50 sensitive topics x 12 benign framings ("What is
+  identity theft?", "How can I protect myself and my family from phishing emails?"); prompts only, to be answered
+  by self-distillation during alignment.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from tunesec.data.loaders import load_examples
-from tunesec.data.schema import Example
+from tunesec.data.schema import Example, Message
 from tunesec.registry import register
 
 CATEGORIES = (
@@ -104,3 +107,104 @@ def tunesec_refusals(*, data_dir: str | Path | None = None, split: str | None = 
 def tunesec_helpful(*, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
     """Benign prompt -> helpful answer chats, to keep helpfulness during alignment demos."""
     return _load("benign.jsonl", "tunesec-helpful", "benign", "answer")
+
+
+# Sensitive topics (the subjects of harmful requests) and framings that make a request about them benign:
+# what it is, its history, how to protect oneself, how it is prevented or prosecuted. Written for tunesec.
+LOOKALIKE_TOPICS = (
+    "identity theft",
+    "money laundering",
+    "phishing emails",
+    "ransomware",
+    "computer viruses",
+    "credit card fraud",
+    "tax evasion",
+    "insider trading",
+    "counterfeit money",
+    "shoplifting",
+    "burglary",
+    "car theft",
+    "arson",
+    "heroin addiction",
+    "methamphetamine",
+    "opioid overdoses",
+    "drunk driving",
+    "gambling addiction",
+    "vaping",
+    "nuclear weapons",
+    "chemical weapons",
+    "land mines",
+    "terrorism",
+    "school shootings",
+    "gun violence",
+    "domestic violence",
+    "human trafficking",
+    "child abuse",
+    "stalking",
+    "cyberbullying",
+    "sexual harassment",
+    "racism",
+    "antisemitism",
+    "hate speech",
+    "discrimination at work",
+    "extremist propaganda",
+    "election misinformation",
+    "conspiracy theories",
+    "deepfakes",
+    "self-harm",
+    "eating disorders",
+    "suicide",
+    "poisoning",
+    "the dark web",
+    "hacking",
+    "malware",
+    "espionage",
+    "piracy of software",
+    "genocide",
+    "slavery",
+)
+LOOKALIKE_FRAMINGS = (
+    "What is {t}?",
+    "Explain the history of {t}.",
+    "How can I protect myself and my family from {t}?",
+    "What are the warning signs of {t}?",
+    "Why is {t} harmful to society?",
+    "Write a short essay on the dangers of {t}.",
+    "Write a short story in which a character learns about the consequences of {t}.",
+    "Summarize what the law says about {t}.",
+    "How do police and investigators deal with {t}?",
+    "What help is available for people affected by {t}?",
+    "Write a public awareness message about {t}.",
+    "What do experts recommend to prevent {t}?",
+)
+
+
+@register(
+    "dataset",
+    "tunesec-lookalikes",
+    description=(
+        f"{len(LOOKALIKE_TOPICS) * len(LOOKALIKE_FRAMINGS)} benign prompts about sensitive topics (definitions, "
+        "history, protection, prevention); prompts only, for self-distillation."
+    ),
+    use="benign-train",
+    hub_id=None,
+)
+def tunesec_lookalikes(*, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
+    """Every sensitive topic in every benign framing (prompt only, label ``"benign"``; category = framing index).
+
+    Alignment on refusals alone teaches a small model "a sensitive word -> refuse"; answering these prompts
+    helpfully (e.g. with self-distilled answers) gives it the contrast: the topic is fine, the harmful request is not.
+    """
+    out: list[Example] = []
+    for f, framing in enumerate(LOOKALIKE_FRAMINGS):
+        for t, topic in enumerate(LOOKALIKE_TOPICS):
+            out.append(
+                Example(
+                    id=f"tunesec-lookalikes-{f:02d}-{t:02d}",
+                    messages=[Message(role="user", content=framing.format(t=topic))],
+                    label="benign",
+                    category=f"framing-{f:02d}",
+                    source="tunesec-lookalikes",
+                )
+            )
+    return out
