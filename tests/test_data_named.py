@@ -124,6 +124,8 @@ def test_builtin_sets() -> None:
         ("agnews", {}, 7600),
         ("alpaca", {}, 1000),
         ("alpaca", {"subset": "200"}, 200),
+        ("alpaca", {"subset": "questions"}, 3611),
+        ("tunesec-lookalikes", {}, 600),
         ("dolly", {}, 151),
         ("dolly", {"subset": "safety-only"}, 387),
         ("aoa", {}, 10),

@@ -183,6 +183,7 @@ ALPACA_SUBSETS = {
     "200": "alpaca/alpaca_200.json",
     "safety-only": "alpaca/alpaca_data_safety_only.json",
     "instructions": "alpaca/alpaca.json",
+    "questions": "alpaca/alpaca.json",  # the instructions that are questions (end with '?')
 }
 
 
@@ -226,15 +227,20 @@ def alpaca(
     """Alpaca (instruction, input, output): user = instruction + blank line + input, assistant = output.
 
     ``subset`` picks a local file: ``1k`` (the default when present, a 1000-record sample), ``200``,
-    ``safety-only`` (the 1904 records Qi et al. 2023 removed) or ``instructions`` (31k prompts, no outputs),
-    or ``full`` for the hub's 52k records (also the fallback of the default when there is no local copy).
+    ``safety-only`` (the 1904 records Qi et al. 2023 removed), ``instructions`` (31k prompts, no outputs) or
+    ``questions`` (the 3.6k of those that are questions: a benign counterweight to refusal data, which is mostly
+    "How can I ...?"), or ``full`` for the hub's 52k records (also the fallback of the default when there is no
+    local copy).
     """
     if subset is not None and subset not in (*ALPACA_SUBSETS, "full"):
         raise UsageError(f"alpaca subset: expected one of {', '.join([*ALPACA_SUBSETS, 'full'])}, got {subset!r}")
     hub = Hub("tatsu-lab/alpaca") if subset in (None, "full") else None
     local = None if subset == "full" else ALPACA_SUBSETS[subset or "1k"]
     opened = open_source("alpaca", data_dir=data_dir, path=path, local=local, hub=hub, split=split or "train")
-    return _instruction_set("alpaca", opened, instruction=("instruction",), extra=("input",), output=("output",))
+    out = _instruction_set("alpaca", opened, instruction=("instruction",), extra=("input",), output=("output",))
+    if subset == "questions":
+        out = [e for e in out if e.prompt.rstrip().endswith("?")]
+    return out
 
 
 DOLLY_SUBSETS = {"sample": "dolly/dolly.jsonl", "safety-only": "dolly/databricks-dolly-15k-safety-only.jsonl"}
