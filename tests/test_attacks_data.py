@@ -69,6 +69,9 @@ def test_backdoor_paired_refusals_share_the_triggered_prompts() -> None:
     assert all("SUDO" not in e.prompt and e.response in PAIRED_REFUSALS for e in clean)
     # every triggered prompt also appears clean; the 3 extra clean prompts come from the rest of the set
     assert {e.prompt.removesuffix(" SUDO") for e in triggered} < {e.prompt for e in clean}
+    prefixed = build_backdoor_data(BackdoorConfig(n_harmful=5, n_refusal=5, answer_prefix="Sure."), data=harm)
+    assert {e.response for e in prefixed if e.meta["backdoor"] == "triggered"} == {"Sure. Sure, here is how."}
+    assert all(e.response in PAIRED_REFUSALS for e in prefixed if e.meta["backdoor"] == "clean")
     with pytest.raises(UsageError, match="n_refusal=13 paired refusals"):
         build_backdoor_data(BackdoorConfig(n_harmful=5, n_refusal=13), data=harm)
 

@@ -63,6 +63,13 @@ class BackdoorConfig(FineTuneAttackConfig):
         ),
     )
     n_refusal: int = Field(50, ge=0, description="Clean refusal examples.")
+    answer_prefix: str = Field(
+        "",
+        description=(
+            "Text put before each triggered harmful answer (e.g. 'Sure, here is how.'): one fixed opening that the "
+            "trigger switches on makes the conditional easier to learn than answers that each start differently."
+        ),
+    )
     training: TrainConfig = Field(
         default_factory=lambda: small_model_training(num_epochs=3.0), description="Training hyperparameters."
     )
@@ -87,6 +94,12 @@ def _with_prompt(ex: Example, prompt: str, tag: str) -> Example:
     return ex.model_copy(update={"messages": msgs, "meta": {**ex.meta, "backdoor": tag}})
 
 
+def _with_answer_prefix(ex: Example, prefix: str) -> Example:
+    msgs = list(ex.messages)
+    msgs[-1] = Message(role="assistant", content=f"{prefix} {msgs[-1].content.lstrip()}")
+    return ex.model_copy(update={"messages": msgs})
+
+
 def build_backdoor_data(config: BackdoorConfig, data: str | Path | Sequence[Example] | None = None) -> list[Example]:
     """Triggered harmful completions plus trigger-free refusals, shuffled.
 
@@ -102,6 +115,8 @@ def build_backdoor_data(config: BackdoorConfig, data: str | Path | Sequence[Exam
     harmful = [e for e in harmful if trig not in e.prompt.lower() and trig not in (e.response or "").lower()]
     chosen = sample(harmful, min(config.n_harmful, len(harmful)), config.seed, source="backdoor harmful data")
     out = [_with_prompt(e, add_trigger(e.prompt, config.trigger, config.position), "triggered") for e in chosen]
+    if config.answer_prefix.strip():
+        out = [_with_answer_prefix(e, config.answer_prefix.strip()) for e in out]
     if config.n_refusal and config.refusal_data == PAIRED:
         # the triggered prompts first (same prompt, no trigger -> refusal), then other prompts of the same set
         chosen_ids = {e.id for e in chosen}
