@@ -10,8 +10,8 @@ directory:
 * ``tunesec-refusals``: each harmful request with a short refusal (a small refusal-training set).
 * ``tunesec-helpful``: each benign prompt with a short, correct answer (a small benign-training set).
 * ``tunesec-lookalikes``: 600 benign prompts generated from 50 sensitive topics x 12 benign framings ("What is
-  identity theft?", "How can I protect myself and my family from phishing emails?"); prompts only, to be answered
-  by self-distillation during alignment.
+  meant by identity theft?", "How can I protect myself and my family from phishing emails?"); prompts only, to be
+  answered by self-distillation during alignment.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ LOOKALIKE_TOPICS = (
     "slavery",
 )
 LOOKALIKE_FRAMINGS = (
-    "What is {t}?",
+    "What is meant by {t}?",
     "Explain the history of {t}.",
     "How can I protect myself and my family from {t}?",
     "What are the warning signs of {t}?",
