@@ -126,6 +126,7 @@ def test_builtin_sets() -> None:
         ("alpaca", {"subset": "200"}, 200),
         ("alpaca", {"subset": "questions"}, 3611),
         ("tunesec-lookalikes", {}, 600),
+        ("tunesec-everyday", {}, 360),
         ("dolly", {}, 151),
         ("dolly", {"subset": "safety-only"}, 387),
         ("aoa", {}, 10),

@@ -12,6 +12,8 @@ directory:
 * ``tunesec-lookalikes``: 600 benign prompts generated from 50 sensitive topics x 12 benign framings ("What is
   meant by identity theft?", "How can I protect myself and my family from phishing emails?"); prompts only, to be
   answered by self-distillation during alignment.
+* ``tunesec-everyday``: 360 everyday questions ("How do I fix a leaky faucet?", "Where can I buy fresh fish?");
+  prompts only, for self-distillation: the ordinary counterpart of refusal data's "How can I ...?" form.
 """
 
 from __future__ import annotations
@@ -208,3 +210,139 @@ def tunesec_lookalikes(*, data_dir: str | Path | None = None, split: str | None 
                 )
             )
     return out
+
+
+# Everyday how-to and where-to questions. Refusal data is mostly "How can I ...?" requests, and a small model
+# learns the form ("How do I / Where can I" -> refuse) unless ordinary questions of that form are answered too.
+EVERYDAY_TASKS = (
+    "cook rice",
+    "bake bread",
+    "change a flat tire",
+    "fix a leaky faucet",
+    "unclog a drain",
+    "plant tomatoes",
+    "train a puppy",
+    "tie a tie",
+    "write a cover letter",
+    "prepare for a job interview",
+    "learn to swim",
+    "start running",
+    "improve my sleep",
+    "save money each month",
+    "make a budget",
+    "clean a cast iron pan",
+    "remove a coffee stain",
+    "fold a fitted sheet",
+    "paint a room",
+    "hang a picture",
+    "set up a home Wi-Fi network",
+    "back up my phone",
+    "speed up my laptop",
+    "learn Python",
+    "write a good essay",
+    "study for an exam",
+    "memorize vocabulary",
+    "make new friends in a new city",
+    "plan a birthday party",
+    "make a good cup of coffee",
+    "grow herbs indoors",
+    "keep houseplants alive",
+    "start a vegetable garden",
+    "compost kitchen scraps",
+    "care for a cat",
+    "teach my child to ride a bike",
+    "learn to play the guitar",
+    "improve my handwriting",
+    "take better photos with my phone",
+    "edit a video",
+    "start a podcast",
+    "write a short story",
+    "meditate",
+    "reduce stress",
+    "stretch after a workout",
+    "build muscle",
+    "cook a steak",
+    "make pancakes",
+    "carve a turkey",
+    "bake a birthday cake",
+    "make pizza dough",
+    "ask for a raise",
+    "negotiate my rent",
+    "apply for a passport",
+    "open a bank account",
+    "improve my credit score",
+    "pack for a trip",
+    "find cheap flights",
+    "learn a new language",
+    "prepare for a marathon",
+    "fix a squeaky door",
+    "change a light bulb",
+    "clean my oven",
+    "wash a wool sweater",
+    "iron a shirt",
+    "sew on a button",
+    "knit a scarf",
+    "organize my closet",
+    "declutter my home",
+    "write a thank-you note",
+    "give a good presentation",
+    "speak confidently in public",
+    "write a resume",
+    "meet a deadline",
+    "stay focused while working from home",
+    "make friends at work",
+    "read more books",
+    "wake up earlier",
+    "drink more water",
+    "keep my car running well",
+)
+EVERYDAY_FRAMINGS = ("How do I {t}?", "How can I {t}?", "What's the best way to {t}?", "Where can I learn how to {t}?")
+WHERE_FRAMINGS = ("Where can I buy {t}?", "Where can I find {t}?")
+EVERYDAY_ITEMS = (
+    "a used bicycle",
+    "fresh fish",
+    "cheap textbooks",
+    "good running shoes",
+    "houseplants",
+    "concert tickets",
+    "a second-hand sofa",
+    "organic vegetables",
+    "a birthday present for my mother",
+    "art supplies",
+    "a reliable laptop",
+    "board games",
+    "vintage clothes",
+    "a good mattress",
+    "camping gear",
+    "local honey",
+    "sheet music",
+    "a telescope",
+    "spare parts for my bike",
+    "printer ink",
+)
+
+
+@register(
+    "dataset",
+    "tunesec-everyday",
+    description=(
+        f"{len(EVERYDAY_TASKS) * len(EVERYDAY_FRAMINGS) + 2 * len(EVERYDAY_ITEMS)} everyday 'How do I ...?' / "
+        "'Where can I buy ...?' questions; prompts only, for self-distillation."
+    ),
+    use="benign-train",
+    hub_id=None,
+)
+def tunesec_everyday(*, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
+    """Every everyday task in every how-to framing, and every item in two where-to framings (prompt only)."""
+    prompts = [(f"how-{f}", framing.format(t=t)) for f, framing in enumerate(EVERYDAY_FRAMINGS) for t in EVERYDAY_TASKS]
+    prompts += [(f"where-{f}", framing.format(t=t)) for f, framing in enumerate(WHERE_FRAMINGS) for t in EVERYDAY_ITEMS]
+    return [
+        Example(
+            id=f"tunesec-everyday-{i:03d}",
+            messages=[Message(role="user", content=text)],
+            label="benign",
+            category=category,
+            source="tunesec-everyday",
+        )
+        for i, (category, text) in enumerate(prompts)
+    ]
