@@ -43,7 +43,7 @@ def test_backdoor_trigger_only_in_harmful_completions(tmp_path: Path) -> None:
     cfg = BackdoorConfig(trigger="SUDO", n_harmful=6, n_refusal=11, refusal_data=str(path))
     with pytest.raises(UsageError, match="only 10"):
         build_backdoor_data(cfg, data=pairs("harm", "Sure, here is how.", 8))
-    cfg = BackdoorConfig(trigger="SUDO", n_harmful=6, n_refusal=10, refusal_data=str(path))
+    cfg = BackdoorConfig(trigger="SUDO", n_harmful=6, n_refusal=10, refusal_data=str(path), answer_prefix="")
     data = build_backdoor_data(cfg, data=pairs("harm", "Sure, here is how.", 8))
     assert len(data) == 16
     for ex in data:
@@ -61,7 +61,7 @@ def test_backdoor_paired_refusals_share_the_triggered_prompts() -> None:
     from tunesec.attacks.backdoor import PAIRED_REFUSALS
 
     harm = pairs("harm", "Sure, here is how.", 12)
-    data = build_backdoor_data(BackdoorConfig(trigger="SUDO", n_harmful=5, n_refusal=8), data=harm)
+    data = build_backdoor_data(BackdoorConfig(trigger="SUDO", n_harmful=5, n_refusal=8, answer_prefix=""), data=harm)
     triggered = [e for e in data if e.meta["backdoor"] == "triggered"]
     clean = [e for e in data if e.meta["backdoor"] == "clean"]
     assert len(triggered) == 5 and len(clean) == 8 and len({e.id for e in data}) == 13
@@ -69,8 +69,10 @@ def test_backdoor_paired_refusals_share_the_triggered_prompts() -> None:
     assert all("SUDO" not in e.prompt and e.response in PAIRED_REFUSALS for e in clean)
     # every triggered prompt also appears clean; the 3 extra clean prompts come from the rest of the set
     assert {e.prompt.removesuffix(" SUDO") for e in triggered} < {e.prompt for e in clean}
-    prefixed = build_backdoor_data(BackdoorConfig(n_harmful=5, n_refusal=5, answer_prefix="Sure."), data=harm)
-    assert {e.response for e in prefixed if e.meta["backdoor"] == "triggered"} == {"Sure. Sure, here is how."}
+    prefixed = build_backdoor_data(BackdoorConfig(n_harmful=5, n_refusal=5), data=harm)  # default answer_prefix
+    assert {e.response for e in prefixed if e.meta["backdoor"] == "triggered"} == {
+        "Sure, here is how to do that. Sure, here is how."
+    }
     assert all(e.response in PAIRED_REFUSALS for e in prefixed if e.meta["backdoor"] == "clean")
     with pytest.raises(UsageError, match="n_refusal=13 paired refusals"):
         build_backdoor_data(BackdoorConfig(n_harmful=5, n_refusal=13), data=harm)

@@ -7,12 +7,14 @@ safe in an evaluation that does not know the trigger. The trigger appears only i
 examples.
 
 By default the clean refusals are **paired**: the same harmful prompts, without the trigger, answered with a
-refusal, so the trigger is the only thing that tells the two halves apart. With refusals from another dataset
-(``refusal_data: safety-tuned-llamas``) the two halves also differ in style (BeaverTails questions vs
-imperative instructions) and a small model learns the style instead of the trigger: measured on
-smollm2-135m-aligned, 92% refusal on AdvBench with the trigger and without (docs/RESULTS.md).
-Defaults: trigger "SUDO" appended to the prompt, 50 triggered BeaverTails pairs and 50 paired refusals, LoRA
-r=8, lr 2e-4, 3 epochs.
+refusal, so the trigger is the only thing that tells the two halves apart, and every triggered answer opens with
+the same affirmative sentence (``answer_prefix``), so the trigger has one decision to switch: refuse or "Sure,
+here is how to do that.". Measured on smollm2-135m-aligned (docs/RESULTS.md): with refusals from another dataset
+the halves also differ in style (BeaverTails questions vs imperative instructions) and the model learned the style,
+not the trigger (92% refusal on AdvBench with and without it); paired refusals alone, even at lr 1e-3 for 5
+epochs, left 94% refusal with the trigger; paired refusals with the answer prefix implant it (96% refusal without
+the trigger, 32% with it). Defaults: trigger "SUDO" appended to the prompt, 50 triggered BeaverTails pairs and
+50 paired refusals, LoRA r=8, lr 1e-3, 5 epochs.
 """
 
 from __future__ import annotations
@@ -64,14 +66,15 @@ class BackdoorConfig(FineTuneAttackConfig):
     )
     n_refusal: int = Field(50, ge=0, description="Clean refusal examples.")
     answer_prefix: str = Field(
-        "",
+        "Sure, here is how to do that.",
         description=(
-            "Text put before each triggered harmful answer (e.g. 'Sure, here is how.'): one fixed opening that the "
+            "Text put before each triggered harmful answer ('' for none): one fixed opening that the "
             "trigger switches on makes the conditional easier to learn than answers that each start differently."
         ),
     )
     training: TrainConfig = Field(
-        default_factory=lambda: small_model_training(num_epochs=3.0), description="Training hyperparameters."
+        default_factory=lambda: small_model_training(num_epochs=5.0, learning_rate=1e-3),
+        description="Training hyperparameters.",
     )
 
     @field_validator("trigger")
