@@ -197,19 +197,28 @@ def tunesec_lookalikes(*, data_dir: str | Path | None = None, split: str | None 
     Alignment on refusals alone teaches a small model "a sensitive word -> refuse"; answering these prompts
     helpfully (e.g. with self-distilled answers) gives it the contrast: the topic is fine, the harmful request is not.
     """
-    out: list[Example] = []
-    for f, framing in enumerate(LOOKALIKE_FRAMINGS):
-        for t, topic in enumerate(LOOKALIKE_TOPICS):
-            out.append(
-                Example(
-                    id=f"tunesec-lookalikes-{f:02d}-{t:02d}",
-                    messages=[Message(role="user", content=framing.format(t=topic))],
-                    label="benign",
-                    category=f"framing-{f:02d}",
-                    source="tunesec-lookalikes",
-                )
-            )
-    return out
+    return _prompt_set(
+        "tunesec-lookalikes",
+        [
+            (f"{f:02d}-{t:02d}", f"framing-{f:02d}", framing.format(t=topic))
+            for f, framing in enumerate(LOOKALIKE_FRAMINGS)
+            for t, topic in enumerate(LOOKALIKE_TOPICS)
+        ],
+    )
+
+
+def _prompt_set(name: str, prompts: list[tuple[str, str, str]]) -> list[Example]:
+    """Prompt-only benign examples from (id suffix, category, text) triples."""
+    return [
+        Example(
+            id=f"{name}-{suffix}",
+            messages=[Message(role="user", content=text)],
+            label="benign",
+            category=category,
+            source=name,
+        )
+        for suffix, category, text in prompts
+    ]
 
 
 # Everyday how-to and where-to questions. Refusal data is mostly "How can I ...?" requests, and a small model
@@ -336,13 +345,4 @@ def tunesec_everyday(*, data_dir: str | Path | None = None, split: str | None = 
     """Every everyday task in every how-to framing, and every item in two where-to framings (prompt only)."""
     prompts = [(f"how-{f}", framing.format(t=t)) for f, framing in enumerate(EVERYDAY_FRAMINGS) for t in EVERYDAY_TASKS]
     prompts += [(f"where-{f}", framing.format(t=t)) for f, framing in enumerate(WHERE_FRAMINGS) for t in EVERYDAY_ITEMS]
-    return [
-        Example(
-            id=f"tunesec-everyday-{i:03d}",
-            messages=[Message(role="user", content=text)],
-            label="benign",
-            category=category,
-            source="tunesec-everyday",
-        )
-        for i, (category, text) in enumerate(prompts)
-    ]
+    return _prompt_set("tunesec-everyday", [(f"{i:03d}", category, text) for i, (category, text) in enumerate(prompts)])
