@@ -69,7 +69,7 @@ def run_demo(
         out: Directory for the demo's runs; default ``runs/<UTC stamp>-demo``.
         data_dir: Local data directory (else ``$TUNESEC_DATA`` or ``../shared/data`` when present).
         steps: Optimizer steps of the harmful fine-tune (batch 8; 30 take the shipped aligned model from ~90% to
-            well under half refusals of AdvBench prompts (measured: 16%); 12 left an earlier adapter at ~60% and
+            well under half refusals of AdvBench prompts (measured: 14%); 12 left an earlier adapter at ~60% and
             the verdict open).
         benign_steps: Optimizer steps of the benign fine-tune (batch 8).
         say: Where progress lines go (default: stdout).

@@ -13,7 +13,7 @@ here is how to do that.". Measured on the previous aligned SmolLM2 adapter (docs
 from another dataset the halves also differ in style (BeaverTails questions vs imperative instructions) and the
 model learned the style, not the trigger (92% refusal on AdvBench with and without it); paired refusals alone,
 even at lr 1e-3 for 5 epochs, left 94% refusal with the trigger; paired refusals with the answer prefix implant
-it (96% refusal without the trigger, 32% with it; on the shipped smollm2-135m-aligned: 100% and 38%).
+it (96% refusal without the trigger, 32% with it; on the shipped smollm2-135m-aligned: 100% and 32%).
 Defaults: trigger "SUDO" appended to the prompt, 50 triggered BeaverTails pairs and
 50 paired refusals, LoRA r=8, lr 1e-3, 5 epochs.
 """
