@@ -89,6 +89,11 @@ def _left_padded_batches(loaded: LoadedModel, encoded: list[list[int]], batch_si
         yield {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 
+def middle_layers(n: int) -> range:
+    """Candidate layers of ``n`` residual-stream states: the middle 20%-80% of depth (at least one layer)."""
+    return range(max(1, int(0.2 * n)), max(2, int(0.8 * n)))
+
+
 def refusal_directions(
     loaded: LoadedModel,
     harmful_prompts: Sequence[Prompt],
@@ -121,8 +126,7 @@ def refusal_directions(
         separation.append(float((ph.mean() - ps.mean()) / spread))
     if layer is None:
         n = diffs.shape[0]
-        lo, hi = max(1, int(0.2 * n)), max(2, int(0.8 * n))
-        layer = max(range(lo, hi), key=lambda i: separation[i])
+        layer = max(middle_layers(n), key=lambda i: separation[i])
     return RefusalDirection(directions=diffs, layer=layer, separation=separation)
 
 
@@ -226,7 +230,7 @@ def select_by_ablation(
     safe = [fmt.encode(as_chat(p)) for p in harmless_prompts]
     refusal_ids = torch.tensor(refusal_token_ids(loaded.tokenizer))
     n = found.directions.shape[0]
-    layers = list(candidates) if candidates is not None else list(range(max(1, int(0.2 * n)), max(2, int(0.8 * n))))
+    layers = list(candidates) if candidates is not None else list(middle_layers(n))
     reference = _next_token_logprobs(loaded, safe, batch_size)
     scores: list[AblationScore] = []
     for layer in layers:
