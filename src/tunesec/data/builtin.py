@@ -335,7 +335,8 @@ EVERYDAY_ITEMS = (
     "dataset",
     "tunesec-everyday",
     description=(
-        f"{len(EVERYDAY_TASKS) * len(EVERYDAY_FRAMINGS) + 2 * len(EVERYDAY_ITEMS)} everyday 'How do I ...?' / "
+        f"{len(EVERYDAY_TASKS) * len(EVERYDAY_FRAMINGS) + len(WHERE_FRAMINGS) * len(EVERYDAY_ITEMS)} everyday "
+        "'How do I ...?' / "
         "'Where can I buy ...?' questions; prompts only, for self-distillation."
     ),
     use="benign-train",
