@@ -2,9 +2,11 @@
 
 Same model, same 64 prompts, greedy, same max_new_tokens. Reports tokens/s of each, the speed-up, how many
 outputs are identical, and the machine's measured fp32 matmul GFLOP/s, which gives a compute bound of
-GFLOP/s / (2 x parameters) tokens/s. Prints a table and appends it to BENCHMARKS.md with the date and machine.
+GFLOP/s / (2 x parameters) tokens/s. With ``--lora-model`` (default: the shipped aligned adapter) it also times
+the engine on that LoRA model with the adapter folded into the weights (the default) and run as is. Prints a
+table and appends it to BENCHMARKS.md with the date and machine.
 
-    python benchmarks/generation.py [--model smollm2-135m] [--n 64] [--max-new-tokens 64]
+    python benchmarks/generation.py [--model smollm2-135m] [--n 64] [--max-new-tokens 64] [--lora-model ""]
 """
 
 from __future__ import annotations
@@ -72,13 +74,39 @@ def hf_loop(lm, texts: list[str], max_new: int) -> tuple[list[str], int, float]:
         for p in texts:
             ids = torch.tensor([fmt.encode([{"role": "user", "content": p}])])
             gen = lm.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new,
+                do_sample=False,
                 pad_token_id=lm.tokenizer.pad_token_id,
             )
-            new = gen[0, ids.shape[1]:].tolist()
+            new = gen[0, ids.shape[1] :].tolist()
             tokens += len(new)
             outs.append(lm.tokenizer.decode(new, skip_special_tokens=True))
     return outs, tokens, time.perf_counter() - t
+
+
+def lora_rows(spec: str, texts: list[str], cfg: GenerationConfig) -> list[tuple[str, str]]:
+    """The engine on a LoRA model: adapter folded into the weights (the default) vs run as is."""
+    import tunesec.models.generation as generation
+
+    engine = HFGenerator(load_model(spec))
+    rates, outputs = {}, {}
+    default = generation.MERGE_MEMORY_FRACTION
+    for mode, fraction in (("folded", default), ("as is", 0.0)):
+        generation.MERGE_MEMORY_FRACTION = fraction
+        engine.generate(texts[:2], cfg.model_copy(update={"max_new_tokens": 4}), progress=False)  # warm-up (folds)
+        t = time.perf_counter()
+        gens = engine.generate(texts, cfg, progress=False)
+        rates[mode] = sum(g.completion_tokens for g in gens) / (time.perf_counter() - t)
+        outputs[mode] = [g.text for g in gens]
+    generation.MERGE_MEMORY_FRACTION = default
+    same = sum(a == b for a, b in zip(outputs["folded"], outputs["as is"], strict=True))
+    return [
+        (f"LoRA model {spec}, adapter folded", f"{rates['folded']:.1f} tok/s"),
+        (f"LoRA model {spec}, adapter as is", f"{rates['as is']:.1f} tok/s"),
+        ("folded / as is", f"{rates['folded'] / rates['as is']:.2f}x, identical outputs {same} / {len(texts)}"),
+    ]
 
 
 def main() -> None:
@@ -87,6 +115,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", default="auto")
+    ap.add_argument("--lora-model", default="smollm2-135m-aligned", help="A LoRA model to time folded vs as is.")
     ap.add_argument("--no-write", action="store_true", help="Do not append to BENCHMARKS.md.")
     args = ap.parse_args()
 
@@ -114,21 +143,31 @@ def main() -> None:
         ("model", f"{args.model} ({n_params / 1e6:.1f}M params)"),
         ("prompts x max_new_tokens", f"{args.n} x {args.max_new_tokens} (greedy)"),
         ("HF loop, one prompt at a time", f"{loop_rate:.1f} tok/s ({loop_tokens} tok in {loop_s:.1f} s)"),
-        ("tunesec engine (batch " + str(args.batch_size) + ")", f"{eng_rate:.1f} tok/s ({eng_tokens} tok in {eng_s:.1f} s)"),
+        (
+            "tunesec engine (batch " + str(args.batch_size) + ")",
+            f"{eng_rate:.1f} tok/s ({eng_tokens} tok in {eng_s:.1f} s)",
+        ),
         ("speed-up", f"{eng_rate / loop_rate:.1f}x (target >= 10x)"),
         ("identical outputs", f"{identical} / {args.n}"),
         ("fp32 matmul", f"{gflops:.0f} GFLOP/s"),
         ("compute bound (GFLOP/s / 2N)", f"{bound:.0f} tok/s"),
         ("engine / compute bound", f"{100 * eng_rate / bound:.0f}% (target >= 60%)"),
     ]
+    if args.lora_model:
+        rows += lora_rows(args.lora_model, texts, cfg)
     width = max(len(k) for k, _ in rows)
     table = "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")
     if not args.no_write:
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads"
         bench = ROOT / "BENCHMARKS.md"
-        head = "" if bench.exists() else "# Benchmarks\n\nMeasured by the scripts in benchmarks/; each run appends a section.\n"
+        head = (
+            ""
+            if bench.exists()
+            else "# Benchmarks\n\nMeasured by the scripts in benchmarks/; each run appends a section.\n"
+        )
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         with open(bench, "a", encoding="utf-8") as fh:
             fh.write(f"{head}\n## Generation — {stamp} — {machine}\n\n`{' '.join(sys.argv)}`\n\n{table}\n")

@@ -127,6 +127,7 @@ def test_builtin_sets() -> None:
         ("alpaca", {"subset": "questions"}, 3611),
         ("tunesec-lookalikes", {}, 600),
         ("tunesec-everyday", {}, 360),
+        ("tunesec-tasks", {}, 1220),
         ("dolly", {}, 151),
         ("dolly", {"subset": "safety-only"}, 387),
         ("aoa", {}, 10),

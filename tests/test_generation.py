@@ -35,9 +35,12 @@ def _loaded(arch: str) -> LoadedModel:
     return LoadedModel(ref=ModelRef(base=f"tiny-{arch}"), model=make_model(tok, arch=arch), tokenizer=tok)
 
 
-def _reference(lm: LoadedModel, prompt: str, max_new: int) -> tuple[list[int], list[torch.Tensor]]:
+def _reference(
+    lm: LoadedModel, prompt: str, max_new: int, system: str | None = None
+) -> tuple[list[int], list[torch.Tensor]]:
     """Plain one-prompt greedy loop without a cache: the ground truth, with each step's logits."""
-    ids = ChatFormatter(lm.tokenizer).encode([{"role": "user", "content": prompt}])
+    chat = [{"role": "system", "content": system}] if system else []
+    ids = ChatFormatter(lm.tokenizer).encode([*chat, {"role": "user", "content": prompt}])
     eos = lm.tokenizer.eos_token_id
     out: list[int] = []
     steps: list[torch.Tensor] = []
@@ -52,15 +55,31 @@ def _reference(lm: LoadedModel, prompt: str, max_new: int) -> tuple[list[int], l
     return out, steps
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_batched_greedy_matches_sequential(arch: str) -> None:
+SYSTEM = "You are a careful assistant. Answer briefly and kindly."
+
+
+@pytest.mark.parametrize(("arch", "system"), [("llama", None), ("qwen2", None), ("llama", SYSTEM), ("qwen2", SYSTEM)])
+def test_batched_greedy_matches_sequential(arch: str, system: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tunesec.models.generation as generation
+
+    shared: list[int] = []
+    share = generation._Decoder._share_prefix
+
+    def spy(self: generation._Decoder, queue: list[int]) -> None:
+        share(self, queue)
+        shared.append(self.prefix_len)
+
+    monkeypatch.setattr(generation._Decoder, "_share_prefix", spy)
     lm = _loaded(arch)
     engine = HFGenerator(lm)
     max_new = 24
-    batched = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=max_new, batch_size=5), progress=False)
+    cfg = GenerationConfig(max_new_tokens=max_new, batch_size=5, system_prompt=system)
+    batched = engine.generate(PROMPTS, cfg, progress=False)
+    # with a system prompt the prompts share a long prefix, prefilled once (the tiny template alone shares 3 tokens)
+    assert (shared[0] > 10) if system else (shared[0] == 0)
     differing = 0
     for prompt, gen in zip(PROMPTS, batched, strict=True):
-        ref_tokens, ref_logits = _reference(lm, prompt, max_new)
+        ref_tokens, ref_logits = _reference(lm, prompt, max_new, system)
         got = lm.tokenizer(gen.text, add_special_tokens=False)["input_ids"] if gen.text else []
         ref_text = lm.tokenizer.decode(ref_tokens, skip_special_tokens=True)
         if gen.text == ref_text:
@@ -175,14 +194,17 @@ def test_prefill_chunks_bound_tokens_and_padding() -> None:
     assert generation._prefill_chunks([5000]) == [(0, 1)]  # longer than the budget: a chunk of its own
 
 
-def test_chunked_prefill_row_compaction_and_trim_match_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("system", [None, SYSTEM])
+def test_chunked_prefill_row_compaction_and_trim_match_one_batch(
+    system: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Small prefill chunks, rows leaving mid-batch, merges and trimmed padding columns change no output."""
     from tunesec.models import generation
 
     lm = _loaded("llama")
     engine = HFGenerator(lm)
     prompts = PROMPTS * 2
-    cfg = GenerationConfig(max_new_tokens=20, batch_size=1)
+    cfg = GenerationConfig(max_new_tokens=20, batch_size=1, system_prompt=system)
     reference = engine.generate(prompts, cfg, progress=False)
     monkeypatch.setattr(generation, "PREFILL_TOKENS", 40)
     monkeypatch.setattr(generation, "TRIM_MIN_COLUMNS", 1)
@@ -220,3 +242,84 @@ def test_chunked_prefill_row_compaction_and_trim_match_one_batch(monkeypatch: py
     assert {g.finish_reason for g in chunked} == {"stop", "length"}
     same = sum(a.text == b.text for a, b in zip(reference, chunked, strict=True))
     assert same >= len(prompts) - 2, f"only {same} of {len(prompts)} identical"
+
+
+def _lora(lm: LoadedModel, **kwargs: object) -> LoadedModel:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    model = get_peft_model(lm.model, cfg, **kwargs).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(ref=lm.ref, model=model, tokenizer=lm.tokenizer)
+
+
+def test_lora_is_folded_for_decoding_and_the_model_is_left_exactly_as_it_was() -> None:
+    lm = _lora(_loaded("llama"))
+    engine = HFGenerator(lm)
+    before = [p.detach().clone() for p in lm.model.parameters()]
+    ids = torch.tensor([ChatFormatter(lm.tokenizer).encode([{"role": "user", "content": PROMPTS[1]}])])
+    with torch.inference_mode():
+        adapted = lm.model(ids).logits[0, -1]
+        with lm.model.disable_adapter():
+            plain = lm.model(ids).logits[0, -1]
+        with engine._folded.active():
+            folded = lm.model(ids).logits[0, -1]
+    for p in lm.model.parameters():
+        p.requires_grad_(False)  # PEFT's disable_adapter() turns the adapter's requires_grad back on when it exits
+    assert len(engine._folded.layers) == 3 * 2  # three targets x two layers
+    assert float((adapted - plain).abs().max()) > 1e-2  # the adapter matters ...
+    assert torch.allclose(folded, adapted, atol=1e-4)  # ... and folding keeps its effect
+    gens = engine.generate(PROMPTS[:4], GenerationConfig(max_new_tokens=8, batch_size=2), progress=False)
+    assert all(g.completion_tokens > 0 for g in gens)
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
+    assert not any(p.requires_grad for p in lm.model.parameters())
+    with torch.inference_mode():
+        assert torch.equal(lm.model(ids).logits[0, -1], adapted)  # adapters are switched on again
+
+
+def test_lora_folding_matches_the_unfolded_adapter_and_follows_weight_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tunesec.models.generation as generation
+
+    lm = _lora(_loaded("llama"))
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=4)
+    folded = HFGenerator(lm).generate(PROMPTS, cfg, progress=False)
+    monkeypatch.setattr(generation, "MERGE_MEMORY_FRACTION", 0.0)  # too little memory: the adapter runs as is
+    engine = HFGenerator(lm)
+    unfolded = engine.generate(PROMPTS, cfg, progress=False)
+    assert engine._folded.weights is None
+    same = sum(a.text == b.text for a, b in zip(folded, unfolded, strict=True))
+    assert same >= len(PROMPTS) - len(PROMPTS) // 4, f"only {same} of {len(PROMPTS)} identical"
+
+    # the folded weights are reused while nothing changes and recomputed after an in-place update
+    monkeypatch.setattr(generation, "MERGE_MEMORY_FRACTION", 0.25)
+    with engine._folded.active():
+        first = engine._folded.weights
+    with engine._folded.active():
+        assert engine._folded.weights is first
+    layer = engine._folded.layers[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.add_(1.0)
+    with engine._folded.active():
+        assert engine._folded.weights is not first
+        expected = layer.base_layer.weight.data  # the folded weight is in place inside the block
+    with torch.no_grad():
+        want = layer.base_layer.weight + layer.get_delta_weight("default")
+    assert torch.allclose(expected, want)
+
+
+def test_lora_folding_keeps_forward_hooks_and_skips_disabled_or_merged_adapters() -> None:
+    lm = _lora(_loaded("llama"))
+    engine = HFGenerator(lm)
+    calls = []
+    target = engine.model.base_model.model.model.layers[0].self_attn.q_proj
+    handle = target.register_forward_hook(lambda *_: calls.append(1))
+    engine.generate(PROMPTS[:2], GenerationConfig(max_new_tokens=4, batch_size=2), progress=False)
+    handle.remove()
+    assert calls and engine._folded.weights is not None
+    with lm.model.disable_adapter(), engine._folded.active():
+        assert engine._folded.layers == []  # switched off by the user: decoded as the base model
+    lm.model.merge_adapter()
+    with engine._folded.active():
+        assert engine._folded.layers == []  # already merged: nothing to fold

@@ -14,6 +14,9 @@ directory:
   answered by self-distillation during alignment.
 * ``tunesec-everyday``: 360 everyday questions ("How do I fix a leaky faucet?", "Where can I buy fresh fish?");
   prompts only, for self-distillation: the ordinary counterpart of refusal data's "How can I ...?" form.
+* ``tunesec-tasks``: 1,220 benign requests in the imperative forms of refusal data ("Write a script that renames
+  all the files in a folder by their date.", "Write a blog post about the warning signs of phishing emails.");
+  prompts only, for self-distillation.
 """
 
 from __future__ import annotations
@@ -347,3 +350,95 @@ def tunesec_everyday(*, data_dir: str | Path | None = None, split: str | None = 
     prompts = [(f"how-{f}", framing.format(t=t)) for f, framing in enumerate(EVERYDAY_FRAMINGS) for t in EVERYDAY_TASKS]
     prompts += [(f"where-{f}", framing.format(t=t)) for f, framing in enumerate(WHERE_FRAMINGS) for t in EVERYDAY_ITEMS]
     return _prompt_set("tunesec-everyday", [(f"{i:03d}", category, text) for i, (category, text) in enumerate(prompts)])
+
+
+# Benign requests in the imperative forms of refusal data and harmful benchmarks ("Write a script that ...",
+# "Provide step-by-step instructions for ...", "Write a blog post ...", "Create a social media campaign ...").
+# Refusal sets are mostly such imperatives, so a small model aligned on them learns "a task request in this form
+# -> refuse" (it then refuses to write a script that renames files). These are the same forms with harmless
+# subjects: ordinary how-to tasks, small programming tasks, and sensitive topics from an awareness, prevention,
+# reporting or fiction angle. Written for tunesec.
+HOWTO_FORMS = (
+    "Provide step-by-step instructions for how to {t}.",
+    "Give instructions for how to {t}.",
+    "Create a tutorial on how to {t}.",
+    "Write a guide on how to {t}.",
+    "Explain how to {t}.",
+    "Outline the steps to {t}.",
+    "Develop a plan to {t}.",
+    "Write a blog post about how to {t}.",
+    "Write a Twitter thread explaining how to {t}.",
+)
+PROGRAM_TASKS = (
+    "renames all the files in a folder by their date",
+    "counts the words in a text file",
+    "backs up a folder to a zip archive",
+    "checks whether a website is online",
+    "converts a CSV file to JSON",
+    "resizes all the images in a folder",
+    "finds duplicate files on a disk",
+    "closes the programs that have stopped responding",
+    "lists the largest files in a folder",
+    "reminds me to drink water every hour",
+    "tracks my daily expenses",
+    "generates a strong random password",
+    "sorts a list of names alphabetically",
+    "checks a password against simple strength rules",
+    "saves the text a user types into a form",
+    "downloads the pages of my own blog for an offline copy",
+    "converts temperatures between Celsius and Fahrenheit",
+    "merges several PDF files into one",
+    "schedules a weekly backup of my documents",
+    "monitors the CPU temperature of my computer",
+    "plays a sound when a timer ends",
+    "shows a to-do list with checkboxes",
+    "encrypts a text file with a password chosen by the user",
+    "logs into my own account on a test server and checks its status",
+    "cleans up the temporary files on my computer",
+)
+PROGRAM_FORMS = (
+    "Write a script that {t}.",
+    "Develop a program that {t}.",
+    "Create a Python function that {t}.",
+    "Write code that {t}.",
+)
+TOPIC_WRITING_FORMS = (
+    "Write a blog post about the warning signs of {t}.",
+    "Write a Twitter thread on how people can protect themselves from {t}.",
+    "Write a fictional story about a detective who investigates a case of {t}.",
+    "Create a social media campaign that raises awareness of {t}.",
+    "Write a news article about how investigators fight {t}.",
+    "Draft a speech about the history of {t}.",
+    "Compile a list of resources for people affected by {t}.",
+    "Write an email to a friend who is worried about {t}.",
+)
+
+
+TASK_PROMPTS = (
+    len(HOWTO_FORMS) * len(EVERYDAY_TASKS)
+    + len(PROGRAM_FORMS) * len(PROGRAM_TASKS)
+    + len(TOPIC_WRITING_FORMS) * len(LOOKALIKE_TOPICS)
+)
+
+
+@register(
+    "dataset",
+    "tunesec-tasks",
+    description=(
+        f"{TASK_PROMPTS} benign requests in the imperative forms of refusal data ('Write a script that ...', "
+        "'Provide step-by-step instructions ...', 'Write a blog post ...'); prompts only, for self-distillation."
+    ),
+    use="benign-train",
+    hub_id=None,
+)
+def tunesec_tasks(*, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
+    """How-to tasks, programming tasks and sensitive-topic writing tasks in imperative forms (prompt only).
+
+    Category is ``howto-N``, ``program-N`` or ``writing-N`` (the form's index).
+    """
+    prompts = [(f"howto-{f}", form.format(t=t)) for f, form in enumerate(HOWTO_FORMS) for t in EVERYDAY_TASKS]
+    prompts += [(f"program-{f}", form.format(t=t)) for f, form in enumerate(PROGRAM_FORMS) for t in PROGRAM_TASKS]
+    prompts += [
+        (f"writing-{f}", form.format(t=t)) for f, form in enumerate(TOPIC_WRITING_FORMS) for t in LOOKALIKE_TOPICS
+    ]
+    return _prompt_set("tunesec-tasks", [(f"{i:04d}", category, text) for i, (category, text) in enumerate(prompts)])
