@@ -2,11 +2,9 @@
 
 Same model, same 64 prompts, greedy, same max_new_tokens. Reports tokens/s of each, the speed-up, how many
 outputs are identical, and the machine's measured fp32 matmul GFLOP/s, which gives a compute bound of
-GFLOP/s / (2 x parameters) tokens/s. With ``--lora-model`` (default: the shipped aligned adapter) it also times
-the engine on that LoRA model with the adapter folded into the weights (the default) and run as is. Prints a
-table and appends it to BENCHMARKS.md with the date and machine.
+GFLOP/s / (2 x parameters) tokens/s. Prints a table and appends it to BENCHMARKS.md with the date and machine.
 
-    python benchmarks/generation.py [--model smollm2-135m] [--n 64] [--max-new-tokens 64] [--lora-model ""]
+    python benchmarks/generation.py [--model smollm2-135m] [--n 64] [--max-new-tokens 64]
 """
 
 from __future__ import annotations
@@ -86,36 +84,12 @@ def hf_loop(lm, texts: list[str], max_new: int) -> tuple[list[str], int, float]:
     return outs, tokens, time.perf_counter() - t
 
 
-def lora_rows(spec: str, texts: list[str], cfg: GenerationConfig) -> list[tuple[str, str]]:
-    """The engine on a LoRA model: adapter folded into the weights (the default) vs run as is."""
-    import tunesec.models.generation as generation
-
-    engine = HFGenerator(load_model(spec))
-    rates, outputs = {}, {}
-    default = generation.MERGE_MEMORY_FRACTION
-    for mode, fraction in (("folded", default), ("as is", 0.0)):
-        generation.MERGE_MEMORY_FRACTION = fraction
-        engine.generate(texts[:2], cfg.model_copy(update={"max_new_tokens": 4}), progress=False)  # warm-up (folds)
-        t = time.perf_counter()
-        gens = engine.generate(texts, cfg, progress=False)
-        rates[mode] = sum(g.completion_tokens for g in gens) / (time.perf_counter() - t)
-        outputs[mode] = [g.text for g in gens]
-    generation.MERGE_MEMORY_FRACTION = default
-    same = sum(a == b for a, b in zip(outputs["folded"], outputs["as is"], strict=True))
-    return [
-        (f"LoRA model {spec}, adapter folded", f"{rates['folded']:.1f} tok/s"),
-        (f"LoRA model {spec}, adapter as is", f"{rates['as is']:.1f} tok/s"),
-        ("folded / as is", f"{rates['folded'] / rates['as is']:.2f}x, identical outputs {same} / {len(texts)}"),
-    ]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", default="auto")
-    ap.add_argument("--lora-model", default="smollm2-135m-aligned", help="A LoRA model to time folded vs as is.")
     ap.add_argument("--no-write", action="store_true", help="Do not append to BENCHMARKS.md.")
     args = ap.parse_args()
 
@@ -153,8 +127,6 @@ def main() -> None:
         ("compute bound (GFLOP/s / 2N)", f"{bound:.0f} tok/s"),
         ("engine / compute bound", f"{100 * eng_rate / bound:.0f}% (target >= 60%)"),
     ]
-    if args.lora_model:
-        rows += lora_rows(args.lora_model, texts, cfg)
     width = max(len(k) for k, _ in rows)
     table = "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     for k, v in rows:

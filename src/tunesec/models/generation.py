@@ -15,9 +15,7 @@ Research code typically loops over prompts one at a time with ``model.generate``
   (continuous batching), so the batch stays full;
 - picks the batch size from free memory (``batch_size="auto"``) and halves it on out-of-memory;
 - samples, when asked, from one seeded random stream per prompt, so a prompt's output does not depend on
-  which other prompts share its batch;
-- decodes a LoRA model with its adapters folded into the weights (``W + scale * B @ A``, computed once and kept
-  while the adapter is unchanged), so a projection is one matmul instead of three plus PEFT's Python dispatch.
+  which other prompts share its batch.
 
 A vLLM backend (:class:`VLLMGenerator`) is used instead when vllm is installed and CUDA is present.
 """
@@ -25,8 +23,7 @@ A vLLM backend (:class:`VLLMGenerator`) is used instead when vllm is installed a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -51,8 +48,6 @@ PREFILL_MAX_PADDING = 0.2
 PREFIX_MIN_TOKENS = 4
 # Padding columns shared by all rows are trimmed from the cache once there are at least this many.
 TRIM_MIN_COLUMNS = 32
-# LoRA adapters are folded into a copy of the weights they adapt when that copy fits in this fraction of free memory.
-MERGE_MEMORY_FRACTION = 0.25
 
 
 class HFGenerator:
@@ -73,7 +68,6 @@ class HFGenerator:
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.cache_kwarg = _cache_kwarg(self.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self._folded = _FoldedLora(self.model)
 
     def encode(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[list[int]]:
         """Token ids of each prompt rendered with the chat template."""
@@ -105,7 +99,7 @@ class HFGenerator:
             pending = list(order)
             while pending:
                 try:
-                    with self._folded.active(), torch.inference_mode():
+                    with torch.inference_mode():
                         _Decoder(self, encoded, cfg, batch_size).run(pending, finished)
                 except (torch.OutOfMemoryError, RuntimeError) as err:
                     if "out of memory" not in str(err).lower() or batch_size == 1:
@@ -396,111 +390,6 @@ class _Decoder:
             finish_reason="stop" if stopped else "length",
             seconds=round(now - self.started.pop(i), 4),
         )
-
-
-class _FoldedLora:
-    """LoRA adapters folded into the weights they adapt, for decoding.
-
-    A LoRA projection costs the base matmul, two thin matmuls, a scale and an add, and PEFT's Python dispatch per
-    call; while decoding a small model on a CPU that is most of a step (measured on SmolLM2-135M with a rank-8
-    adapter on all seven projections). :meth:`active` swaps each adapted layer's weight for
-    ``W + get_delta_weight()`` and switches the adapter off for the duration, then puts the original tensors
-    back, so the model is exactly as it was afterwards (no merge/unmerge rounding) and forward hooks on its
-    modules keep working. The folded weights are computed once and reused while no adapter or base weight has
-    changed (tensor version counters); they are skipped (the adapter runs as is) for adapters this cannot fold
-    (DoRA and other variants, non-Linear layers, already merged layers) or when the copy does not fit in
-    :data:`MERGE_MEMORY_FRACTION` of free memory.
-    """
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.layers: list[Any] = []
-        self.weights: list[Any] | None = None
-        self.key: tuple[int, ...] | None = None
-
-    def _state(self) -> tuple[int, ...]:
-        return tuple(p._version for layer in self.layers for p in (layer.base_layer.weight, *_lora_params(layer)))
-
-    def _fold(self) -> list[Any] | None:
-        import torch
-
-        state = self._state()
-        if self.weights is not None and self.key == state:
-            return self.weights
-        self.weights = None
-        size = sum(layer.base_layer.weight.nbytes for layer in self.layers)
-        if size > MERGE_MEMORY_FRACTION * _free_bytes(self.layers[0].base_layer.weight.device):
-            return None
-        with torch.no_grad():
-            folded = []
-            for layer in self.layers:
-                weight = layer.base_layer.weight
-                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-                folded.append((weight + delta.to(weight.dtype)).detach())
-        self.weights, self.key = folded, state
-        return folded
-
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        """Decode with the folded weights inside this block (a no-op for a model without foldable LoRA)."""
-        layers = _foldable_lora_layers(self.model)  # rechecked each time: adapters can be merged or switched off
-        if [id(x) for x in layers] != [id(x) for x in self.layers]:
-            self.layers, self.weights = layers, None
-        folded = self._fold() if self.layers else None
-        if folded is None:
-            yield
-            return
-        originals = [layer.base_layer.weight.data for layer in self.layers]
-        switched = [layer._disable_adapters for layer in self.layers]
-        try:
-            for layer, weight in zip(self.layers, folded, strict=True):
-                layer.base_layer.weight.data = weight
-                layer._disable_adapters = True
-            yield
-        finally:
-            for layer, weight, off in zip(self.layers, originals, switched, strict=True):
-                layer.base_layer.weight.data = weight
-                layer._disable_adapters = off
-
-
-def _foldable_lora_layers(model: Any) -> list[Any]:
-    """The model's LoRA Linear layers, if every active LoRA layer can be folded; else an empty list."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return []
-    import torch
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    for layer in layers:
-        active = [a for a in layer.active_adapters if a in layer.lora_A]
-        if (
-            not isinstance(layer, LoraLinear)
-            or not isinstance(layer.base_layer, torch.nn.Linear)
-            or layer.merged
-            or layer.disable_adapters
-            or any(a in getattr(layer, "lora_variant", {}) for a in active)
-            or not hasattr(layer, "_disable_adapters")
-        ):
-            return []
-    return [layer for layer in layers if any(a in layer.lora_A for a in layer.active_adapters)]
-
-
-def _lora_params(layer: Any) -> list[Any]:
-    return [
-        p for a in layer.active_adapters if a in layer.lora_A for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)
-    ]
-
-
-def _free_bytes(device: Any) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def _prefill_chunks(lengths: Sequence[int]) -> list[tuple[int, int]]:
