@@ -22,6 +22,7 @@ A vLLM backend (:class:`VLLMGenerator`) is used instead when vllm is installed a
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from functools import lru_cache
@@ -252,8 +253,6 @@ class _Decoder:
         and explicit position ids give every token the position it has in its prompt alone, so attention sees
         the same keys and positions as without sharing (the prefix's keys come from a one-row pass).
         """
-        import os
-
         import torch
 
         prompts = [self.encoded[i] for i in queue]
