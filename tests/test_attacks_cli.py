@@ -93,6 +93,12 @@ def test_attack_cli_data_without_assistant_turns(tiny_llama_dir: Path, tmp_path:
     code = main(["attack", "harmful-sft", "--model", str(tiny_llama_dir), "--data", str(data),
                  "--out", str(tmp_path / "run")])  # fmt: skip
     assert code == 2 and "no final assistant turn" in capsys.readouterr().err
+    # Found after the run directory was made: the empty run is removed, so the same --out works once fixed.
+    assert not (tmp_path / "run").exists()
+    good = write_chats(tmp_path / "harm.jsonl", 6)
+    code = main(["attack", "harmful-sft", "--model", str(tiny_llama_dir), "--data", str(good),
+                 "--out", str(tmp_path / "run"), "--set", "n_harmful=4", *TINY])  # fmt: skip
+    assert code == 0
 
 
 def test_align_cli_end_to_end(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -119,3 +125,14 @@ def test_align_cli_end_to_end(tiny_llama_dir: Path, tmp_path: Path, capsys: pyte
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"refusal_data: {{{tmp_path / 'missing.jsonl'}: 4}}\n", encoding="utf-8")
     assert main(["align", "--model", str(tiny_llama_dir), "--recipe", str(bad)]) == 2
+
+
+def test_align_cli_bad_mix_leaves_out_dir_usable(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
+    helpful = write_chats(tmp_path / "help.jsonl", 6)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"refusal_data: {{}}\nbenign_data: {{{helpful}: 4}}\nexclude_eval: []\n", encoding="utf-8")
+    out = tmp_path / "given"
+    out.mkdir()  # an empty directory the user made stays; only the run's own file goes
+    assert main(["align", "--model", str(tiny_llama_dir), "--recipe", str(recipe), "--out", str(out)]) == 2
+    assert "refusal_data" in capsys.readouterr().err
+    assert out.is_dir() and not any(out.iterdir())

@@ -117,3 +117,14 @@ def test_atomic_write_gives_normal_permissions(tmp_path: Path) -> None:
     target = tmp_path / "f.json"
     atomic_write_json(target, {})
     assert target.stat().st_mode & 0o044 == 0o044  # group/other readable like open() under umask 022
+
+
+def test_discard_removes_only_an_empty_unfinished_run(tmp_path: Path) -> None:
+    run = RunDir.create("attack", "x", {"a": 1}, out=tmp_path / "r")
+    assert run.discard() and not (tmp_path / "r").exists()
+    kept = RunDir.create("attack", "x", {"a": 1}, out=tmp_path / "k")
+    (kept.path / "checkpoints").mkdir()
+    assert not kept.discard() and (kept.path / "run.json").is_file()  # something to resume: kept
+    done = RunDir.create("eval", "x", {"a": 1}, out=tmp_path / "d")
+    done.finish()
+    assert not done.discard() and (done.path / "run.json").is_file()  # a finished run is never removed

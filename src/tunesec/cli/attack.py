@@ -7,6 +7,8 @@ value, a dataset without assistant turns, a LoRA target module the model lacks) 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -38,6 +40,20 @@ def _open_run(kind: str, name: str, spec: dict[str, Any], out: Path | None, resu
             raise UsageError("--out and --resume: give one of them (--resume continues that run directory)")
         return RunDir.resume(resume, kind=kind, spec=spec)
     return RunDir.create(kind, name, spec, out=out)
+
+
+@contextmanager
+def _discard_on_bad_input(run: RunDir) -> Iterator[None]:
+    """Remove the run on bad input found after its directory was made, if it holds nothing but ``run.json``.
+
+    Such input (a dataset without assistant turns, an empty alignment mix) is only found once the data is read;
+    the empty run would otherwise block its ``--out`` directory.
+    """
+    try:
+        yield
+    except UsageError:
+        run.discard()
+        raise
 
 
 def _has_checkpoint(run_path: Path) -> bool:
@@ -162,7 +178,8 @@ def attack_command(
     spec = {"attack": name, "model": model, "data": data, "config": cfg.model_dump(mode="json")}
     run = _open_run("attack", f"{name}-{Path(model).name}", spec, out, resume)
     console.print(f"run directory: {run.path}")
-    ref = attack.run(model, run.path, data=data, resume=_has_checkpoint(run.path))
+    with _discard_on_bad_input(run):
+        ref = attack.run(model, run.path, data=data, resume=_has_checkpoint(run.path))
     metrics: dict[str, Any] = {}
     if eval_:
         metrics = evaluate_tuned(ref, run, limit=eval_limit, dataset=eval_dataset, max_new_tokens=max_new_tokens)
@@ -198,9 +215,10 @@ def align_command(
     assert isinstance(cfg, SafetySFTConfig)
     spec = {"defense": "safety-sft", "model": model, "config": cfg.model_dump(mode="json")}
     run = _open_run("align", f"align-{Path(model).name}", spec, out, resume)
-    examples = _alignment_data(cfg, model, run.path)
-    console.print(f"run directory: {run.path}  ({len(examples)} training examples)")
-    ref = SafetySFT(cfg).run(model, run.path, data=examples, resume=_has_checkpoint(run.path))
+    with _discard_on_bad_input(run):
+        examples = _alignment_data(cfg, model, run.path)
+        console.print(f"run directory: {run.path}  ({len(examples)} training examples)")
+        ref = SafetySFT(cfg).run(model, run.path, data=examples, resume=_has_checkpoint(run.path))
     metrics: dict[str, Any] = {}
     if eval_:
         metrics = evaluate_tuned(ref, run, limit=eval_limit, over_refusal=True)

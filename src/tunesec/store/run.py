@@ -40,9 +40,10 @@ def _now() -> str:
 class RunDir:
     """One run's directory. Build it with :meth:`create` or :meth:`resume`."""
 
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], *, made_dir: bool = False) -> None:
         self.path = path
         self.meta = meta
+        self._made_dir = made_dir
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -83,6 +84,7 @@ class RunDir:
             while path.exists():
                 i += 1
                 path = base.with_name(f"{base.name}-{i}")
+        made_dir = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": RUN_FORMAT,
@@ -93,7 +95,7 @@ class RunDir:
             "spec": spec,
             "provenance": {"versions": package_versions(), "git_revision": git_revision()},
         }
-        run = cls(path, meta)
+        run = cls(path, meta, made_dir=made_dir)
         run._save_meta()
         return run
 
@@ -192,6 +194,22 @@ class RunDir:
         self.meta["status"] = "finished"
         self.meta["finished"] = _now()
         self._save_meta()
+
+    def discard(self) -> bool:
+        """Remove a run that stopped before writing anything but ``run.json`` (e.g. on bad input).
+
+        Such a run holds nothing to resume, and left in place it would block its ``--out`` directory. Anything
+        else in the directory (records, checkpoints, a model) keeps the run. A directory the user gave that
+        existed (empty) before the run stays. Returns whether the run was removed.
+        """
+        if self.finished or not self.path.is_dir():
+            return False
+        if any(p.name != RUN_FILE for p in self.path.iterdir()):
+            return False
+        (self.path / RUN_FILE).unlink(missing_ok=True)
+        if self._made_dir:
+            self.path.rmdir()
+        return True
 
     # -- internals ------------------------------------------------------------------------------------------
     def _save_meta(self) -> None:
