@@ -101,7 +101,9 @@ def test_attack_cli_data_without_assistant_turns(tiny_llama_dir: Path, tmp_path:
     assert code == 0
 
 
-def test_align_cli_end_to_end(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_align_cli_end_to_end(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     refusals = write_chats(tmp_path / "refuse.jsonl", 6, answer="I'm sorry, but I cannot help with that request.")
     helpful = write_chats(tmp_path / "help.jsonl", 6)
     recipe = tmp_path / "recipe.yaml"
@@ -124,7 +126,9 @@ def test_align_cli_end_to_end(tiny_llama_dir: Path, tmp_path: Path, capsys: pyte
     assert len(saved) == 8 and sum('"deep-refusal"' in line for line in saved) == 2
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"refusal_data: {{{tmp_path / 'missing.jsonl'}: 4}}\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # without --out the run would be made under ./runs
     assert main(["align", "--model", str(tiny_llama_dir), "--recipe", str(bad)]) == 2
+    assert not any((tmp_path / "runs").iterdir())  # the empty run was removed, not left behind
 
 
 def test_align_cli_bad_mix_leaves_out_dir_usable(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
