@@ -238,7 +238,12 @@ def _alignment_data(cfg: Any, model: str, run_dir: Path) -> list[Any]:
     saved = run_dir / "alignment_data.jsonl"
     if saved.is_file():
         return [Example.model_validate_json(line) for line in saved.read_text(encoding="utf-8").splitlines() if line]
-    examples = build_alignment_data(cfg, model)
+    from tunesec.cli.common import console
+
+    notes: list[str] = []
+    examples = build_alignment_data(cfg, model, notes=notes)
+    for note in notes:
+        console.print(note, markup=False, highlight=False)
     atomic_write_text(saved, "".join(e.model_dump_json() + "\n" for e in examples))
     return examples
 

@@ -39,6 +39,7 @@ from pydantic import Field, field_validator
 
 from tunesec.config import Config
 from tunesec.data.schema import Example, Message
+from tunesec.defenses.alignment.refusal_filter import RefusalFilterConfig, benign_margins, benign_prompt_sample
 from tunesec.errors import UsageError
 from tunesec.models.ref import ModelRef
 from tunesec.registry import register
@@ -95,6 +96,12 @@ class SafetySFTConfig(Config):
     deep_alignment: float = Field(
         0.0, ge=0.0, le=1.0, description="Fraction of refusal examples given a compliant opener that recovers."
     )
+    refusal_filter: RefusalFilterConfig | None = Field(
+        None,
+        description="Screen each refusal dataset before drawing from it: prompts nearer to benign instructions "
+        "than to the rest of the dataset are dropped (see tunesec.defenses.alignment.refusal_filter). "
+        "{} = the defaults; null = off.",
+    )
     exclude_eval: list[str] = Field(
         default_factory=lambda: ["advbench", "jbb-harmful", "jbb-benign", "xstest"],
         description="Evaluation datasets whose prompts are removed from the training mix (held out).",
@@ -138,16 +145,58 @@ def _eval_prompts(names: Sequence[str]) -> set[str]:
     return prompts
 
 
-def _draw(spec: str, n: int, seed: int, held_out: set[str], kind: str) -> list[Example]:
+def _draw(spec: str, n: int, seed: int, held_out: set[str], kind: str, screen: _Screen | None = None) -> list[Example]:
     from tunesec.attacks.base import load_data, require_assistant_turns
 
     examples = load_data(spec)
     require_assistant_turns(examples, f"{kind} dataset {spec}")
     pool = [e for e in examples if _norm_prompt(e.prompt) not in held_out]
+    if screen is not None and n > 0 and screen.screens(spec):
+        pool = screen(spec, pool)
     if n > len(pool):
         raise UsageError(f"{kind} dataset {spec}: asked for {n} examples but only {len(pool)} are usable")
     rng = random.Random(f"{seed}:{spec}")
     return rng.sample(pool, n)
+
+
+class _Screen:
+    """The refusal filter over all refusal datasets of a mix; notes what it drops from each.
+
+    Margins are computed once over the union of the refusal datasets, so each prompt's "own" neighbours come
+    from all the refusal data: a small hand-written set (tunesec-refusals, 60 prompts on 60 topics) would
+    otherwise find few close neighbours of its own and look benign next to thousands of instructions.
+    """
+
+    def __init__(self, config: RefusalFilterConfig, seed: int, specs: Sequence[str], notes: list[str] | None) -> None:
+        from tunesec.attacks.base import load_data
+
+        prompts = sorted({_norm_prompt(e.prompt): e.prompt for spec in specs for e in load_data(spec)}.items())
+        self.config = config
+        self.notes = notes
+        self.margin: dict[str, float] = {}
+        if len(prompts) >= 2:
+            values = benign_margins([p for _, p in prompts], benign_prompt_sample(config, seed), config.k)
+            self.margin = {key: m for (key, _), m in zip(prompts, values, strict=True)}
+
+    def screens(self, spec: str) -> bool:
+        """Whether the refusal dataset ``spec`` is screened."""
+        return self.config.datasets is None or spec in self.config.datasets
+
+    def __call__(self, spec: str, pool: list[Example]) -> list[Example]:
+        scored = [(e, self.margin.get(_norm_prompt(e.prompt))) for e in pool]
+        kept = [
+            e if m is None else e.model_copy(update={"meta": {**e.meta, "benign_margin": round(m, 4)}})
+            for e, m in scored
+            if m is None or m <= self.config.max_margin
+        ]
+        if self.notes is not None:
+            dropped = sorted(((m, e.prompt) for e, m in scored if m is not None and m > self.config.max_margin))
+            examples = "; ".join(repr(p[:60]) for _, p in dropped[::-1][:3])
+            self.notes.append(
+                f"refusal_filter: {spec}: dropped {len(dropped)} of {len(pool)} prompts that look benign"
+                + (f" (e.g. {examples})" if dropped else "")
+            )
+        return kept
 
 
 def build_alignment_data(
@@ -156,6 +205,7 @@ def build_alignment_data(
     *,
     generator: Any = None,
     progress: bool = True,
+    notes: list[str] | None = None,
 ) -> list[Example]:
     """The shuffled training mix: refusals (some deep-aligned) and helpful answers, eval prompts removed.
 
@@ -164,12 +214,17 @@ def build_alignment_data(
         model: The model being aligned; needed when ``config.self_distill`` asks for self-distilled answers.
         generator: A ready generator for ``model`` (default: one is loaded).
         progress: Show a progress bar while generating self-distilled answers.
+        notes: If given, one line per screened refusal dataset is appended (what the filter dropped).
     """
     held_out = _eval_prompts(config.exclude_eval)
     rng = random.Random(config.seed)
+    screen = None
+    if config.refusal_filter is not None:
+        specs = [spec for spec, n in config.refusal_data.items() if n > 0]
+        screen = _Screen(config.refusal_filter, config.seed, specs, notes)
     refusals: list[Example] = []
     for spec, n in config.refusal_data.items():
-        refusals.extend(_draw(spec, n, config.seed, held_out, "refusal"))
+        refusals.extend(_draw(spec, n, config.seed, held_out, "refusal", screen))
     benign: list[Example] = []
     for spec, n in config.benign_data.items():
         benign.extend(_draw(spec, n, config.seed, held_out, "benign"))
