@@ -128,3 +128,6 @@ def test_discard_removes_only_an_empty_unfinished_run(tmp_path: Path) -> None:
     done = RunDir.create("eval", "x", {"a": 1}, out=tmp_path / "d")
     done.finish()
     assert not done.discard() and (done.path / "run.json").is_file()  # a finished run is never removed
+    RunDir.create("attack", "x", {"a": 1}, out=tmp_path / "again")
+    reopened = RunDir.resume(tmp_path / "again")
+    assert not reopened.discard() and (reopened.path / "run.json").is_file()  # a resumed run stays resumable

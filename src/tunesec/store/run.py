@@ -40,9 +40,10 @@ def _now() -> str:
 class RunDir:
     """One run's directory. Build it with :meth:`create` or :meth:`resume`."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], *, made_dir: bool = False) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], *, created: bool = False, made_dir: bool = False) -> None:
         self.path = path
         self.meta = meta
+        self._created = created  # by this process (create), not reopened (resume, open)
         self._made_dir = made_dir
 
     # -- construction -------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ class RunDir:
             "spec": spec,
             "provenance": {"versions": package_versions(), "git_revision": git_revision()},
         }
-        run = cls(path, meta, made_dir=made_dir)
+        run = cls(path, meta, created=True, made_dir=made_dir)
         run._save_meta()
         return run
 
@@ -196,13 +197,14 @@ class RunDir:
         self._save_meta()
 
     def discard(self) -> bool:
-        """Remove a run that stopped before writing anything but ``run.json`` (e.g. on bad input).
+        """Remove a run made by :meth:`create` that stopped before writing anything but ``run.json`` (bad input).
 
         Such a run holds nothing to resume, and left in place it would block its ``--out`` directory. Anything
-        else in the directory (records, checkpoints, a model) keeps the run. A directory the user gave that
-        existed (empty) before the run stays. Returns whether the run was removed.
+        else in the directory (records, checkpoints, a model) keeps the run, and so does a run reopened with
+        :meth:`resume` (the user may fix the input and resume it again). A directory the user gave that existed
+        (empty) before the run stays. Returns whether the run was removed.
         """
-        if self.finished or not self.path.is_dir():
+        if not self._created or self.finished or not self.path.is_dir():
             return False
         if any(p.name != RUN_FILE for p in self.path.iterdir()):
             return False

@@ -8,11 +8,11 @@ they teach exactly the over-refusal an alignment recipe tries to avoid.
 
 The screen is a nearest-neighbour vote in sentence-embedding space (all-MiniLM-L6-v2, the embedder the judges
 use): for each refusal prompt, the mean cosine similarity of its ``k`` nearest benign instructions minus that of
-its ``k`` nearest *other* prompts of the same refusal dataset. A prompt that sits closer to ordinary instructions
-than to the rest of the refusal data (margin above ``max_margin``) is dropped. It needs no labels and no model
-beyond the embedder; it is a screen, not a classifier: it catches the obviously benign and misses benign prompts
-phrased like the harmful ones, and a few harmful prompts phrased like ordinary instructions go with the benign
-ones (measured in docs/RESULTS.md).
+its ``k`` nearest *other* refusal prompts (of all the refusal datasets in the mix). A prompt that sits closer to
+ordinary instructions than to the rest of the refusal data (margin above ``max_margin``) is dropped. It needs no
+labels and no model beyond the embedder; it is a screen, not a classifier: it catches the obviously benign and
+misses benign prompts phrased like the harmful ones, and a few harmful prompts phrased like ordinary instructions
+go with the benign ones (measured in docs/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class SafetySFTConfig(Config):
     refusal_filter: RefusalFilterConfig | None = Field(
         None,
         description="Screen each refusal dataset before drawing from it: prompts nearer to benign instructions "
-        "than to the rest of the dataset are dropped (see tunesec.defenses.alignment.refusal_filter). "
+        "than to the rest of the refusal data are dropped (see tunesec.defenses.alignment.refusal_filter). "
         "{} = the defaults; null = off.",
     )
     exclude_eval: list[str] = Field(
