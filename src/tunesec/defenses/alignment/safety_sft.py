@@ -13,7 +13,10 @@ Deep alignment (Qi et al. 2024, "Safety Alignment Should Be Made More Than Just 
 answer) and recovers into the refusal, so refusing does not depend only on the first tokens. The paper takes
 the prefix from a real harmful answer and computes the loss on the recovery only; the one training engine
 computes the loss on the whole assistant turn, so this implementation uses short generic openers ("Sure, here
-is") as the prefix, which the model then also learns to emit before recovering.
+is") as the prefix, which the model then also learns to emit before recovering. Measured on SmolLM2-135M
+(docs/RESULTS.md, candidate v14): with half of the refusals augmented, the model learned the openers and often
+kept complying after them (AdvBench refusal 87% -> 45%, judged harmful 7% -> 42%). Use small fractions and check
+the result.
 
 Self-distilled helpful answers (``self_distill``): benign prompts answered by the model being aligned itself
 (greedy), refusals dropped. Refusals are short and alike, so a small model fits them far more easily than
@@ -94,7 +97,11 @@ class SafetySFTConfig(Config):
         300, ge=20, description="Longer prompts (e.g. with a context passage) are not used for self-distillation."
     )
     deep_alignment: float = Field(
-        0.0, ge=0.0, le=1.0, description="Fraction of refusal examples given a compliant opener that recovers."
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of refusal examples given a compliant opener that recovers. The loss covers the "
+        "opener too: on a small model a large fraction teaches the opener and weakens refusal (RESULTS.md, v14).",
     )
     refusal_filter: RefusalFilterConfig | None = Field(
         None,
