@@ -152,10 +152,12 @@ def _eval_prompts(names: Sequence[str]) -> set[str]:
     return prompts
 
 
-def _draw(spec: str, n: int, seed: int, held_out: set[str], kind: str, screen: _Screen | None = None) -> list[Example]:
-    from tunesec.attacks.base import load_data, require_assistant_turns
+def _draw(
+    spec: str, examples: list[Example], n: int, seed: int, held_out: set[str], kind: str, screen: _Screen | None = None
+) -> list[Example]:
+    """``n`` examples of dataset ``spec`` (loaded as ``examples``), seeded, held-out prompts and screened ones out."""
+    from tunesec.attacks.base import require_assistant_turns
 
-    examples = load_data(spec)
     require_assistant_turns(examples, f"{kind} dataset {spec}")
     pool = [e for e in examples if _norm_prompt(e.prompt) not in held_out]
     if screen is not None and n > 0 and screen.screens(spec):
@@ -174,10 +176,10 @@ class _Screen:
     otherwise find few close neighbours of its own and look benign next to thousands of instructions.
     """
 
-    def __init__(self, config: RefusalFilterConfig, seed: int, specs: Sequence[str], notes: list[str] | None) -> None:
-        from tunesec.attacks.base import load_data
-
-        prompts = sorted({_norm_prompt(e.prompt): e.prompt for spec in specs for e in load_data(spec)}.items())
+    def __init__(
+        self, config: RefusalFilterConfig, seed: int, datasets: Sequence[list[Example]], notes: list[str] | None
+    ) -> None:
+        prompts = sorted({_norm_prompt(e.prompt): e.prompt for examples in datasets for e in examples}.items())
         self.config = config
         self.notes = notes
         self.margin: dict[str, float] = {}
@@ -197,8 +199,10 @@ class _Screen:
             if m is None or m <= self.config.max_margin
         ]
         if self.notes is not None:
-            dropped = sorted(((m, e.prompt) for e, m in scored if m is not None and m > self.config.max_margin))
-            examples = "; ".join(repr(p[:60]) for _, p in dropped[::-1][:3])
+            dropped = sorted(
+                ((m, e.prompt) for e, m in scored if m is not None and m > self.config.max_margin), reverse=True
+            )
+            examples = "; ".join(repr(p[:60]) for _, p in dropped[:3])
             self.notes.append(
                 f"refusal_filter: {spec}: dropped {len(dropped)} of {len(pool)} prompts that look benign"
                 + (f" (e.g. {examples})" if dropped else "")
@@ -223,18 +227,21 @@ def build_alignment_data(
         progress: Show a progress bar while generating self-distilled answers.
         notes: If given, one line per screened refusal dataset is appended (what the filter dropped).
     """
+    from tunesec.attacks.base import load_data
+
     held_out = _eval_prompts(config.exclude_eval)
     rng = random.Random(config.seed)
+    refusal_sets = {spec: load_data(spec) for spec in config.refusal_data}
     screen = None
     if config.refusal_filter is not None:
-        specs = [spec for spec, n in config.refusal_data.items() if n > 0]
-        screen = _Screen(config.refusal_filter, config.seed, specs, notes)
+        drawn_from = [refusal_sets[spec] for spec, n in config.refusal_data.items() if n > 0]
+        screen = _Screen(config.refusal_filter, config.seed, drawn_from, notes)
     refusals: list[Example] = []
     for spec, n in config.refusal_data.items():
-        refusals.extend(_draw(spec, n, config.seed, held_out, "refusal", screen))
+        refusals.extend(_draw(spec, refusal_sets[spec], n, config.seed, held_out, "refusal", screen))
     benign: list[Example] = []
     for spec, n in config.benign_data.items():
-        benign.extend(_draw(spec, n, config.seed, held_out, "benign"))
+        benign.extend(_draw(spec, load_data(spec), n, config.seed, held_out, "benign"))
     if not refusals:
         raise UsageError("refusal_data: the alignment mix needs at least one refusal example")
     out: list[Example] = []
