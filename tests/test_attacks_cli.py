@@ -108,7 +108,7 @@ def test_align_cli_end_to_end(
     helpful = write_chats(tmp_path / "help.jsonl", 6)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        f"refusal_data: {{{refusals}: 4}}\nbenign_data: {{{helpful}: 4}}\nexclude_eval: []\n"
+        f"refusal_data: {{{refusals}: 4}}\nbenign_data: {{{helpful}: 4}}\nexclude_eval: []\ndecision_loss: 1.0\n"
         "training: {max_steps: 2, per_device_batch_size: 4, max_seq_len: 384, save_steps: 0}\n",
         encoding="utf-8",
     )
@@ -121,6 +121,7 @@ def test_align_cli_end_to_end(
     run = json.loads((out / "run.json").read_text())
     assert run["kind"] == "align" and run["spec"]["config"]["deep_alignment"] == 0.5
     assert run["model"]["provenance"]["defense"] == "safety-sft"
+    assert run["model"]["provenance"]["hooks"] == ["refusal-decision-loss"]
     assert run["model"]["provenance"]["mix"] == {"refusal": 2, "deep-refusal": 2, "helpful": 4, "self-distilled": 0}
     saved = (out / "alignment_data.jsonl").read_text().splitlines()  # the mix, reused by --resume
     assert len(saved) == 8 and sum('"deep-refusal"' in line for line in saved) == 2

@@ -24,6 +24,7 @@ from tunesec.data.schema import Example
 from tunesec.errors import UsageError
 from tunesec.models.ref import ModelRef
 from tunesec.training.config import TrainConfig
+from tunesec.training.hooks import TrainingHook
 
 MODEL_SUBDIR = "model"
 
@@ -298,6 +299,7 @@ def finetune_with_provenance(
     resume: bool = False,
     progress: bool = True,
     extra_provenance: dict[str, Any] | None = None,
+    hooks: Sequence[TrainingHook] = (),
 ) -> ModelRef:
     """Fine-tune ``parent`` on ``examples`` with the one training engine and return the new ref.
 
@@ -314,6 +316,7 @@ def finetune_with_provenance(
         resume: Continue from the last checkpoint.
         progress: Show a progress bar.
         extra_provenance: More provenance fields.
+        hooks: Training hooks (a defense's extra loss terms); their names go into the provenance.
     """
     from tunesec.data import dataset_sha256
     from tunesec.training import train
@@ -323,9 +326,10 @@ def finetune_with_provenance(
     require_assistant_turns(examples, f"{what} data")
     out = Path(out_dir)
     loaded = load_for_training(ref, method=training.method)
-    result = train(loaded, list(examples), training, out_dir=out, resume=resume, progress=progress)
+    result = train(loaded, list(examples), training, out_dir=out, hooks=hooks, resume=resume, progress=progress)
     prov: dict[str, Any] = {
         **component,
+        **({"hooks": [h.name for h in hooks]} if hooks else {}),
         "config": config_dump,
         "data_sha256": dataset_sha256(list(examples)),
         "n_examples": len(examples),

@@ -26,6 +26,10 @@ so they hold its helpful behaviour in place while the refusals are learned; this
 of Yang et al. 2024 ("Self-Distillation Bridges Distribution Gap in Language Model Fine-Tuning"), applied to the
 benign side of the mix. The answers are as accurate as the model is: they teach behaviour, not facts.
 
+Decision loss (``decision_loss > 0``): an extra binary cross-entropy on refusing vs answering at each answer's
+first token (:mod:`tunesec.defenses.alignment.decision_loss`), which otherwise carries a tiny share of the
+per-token loss.
+
 Prompts of the evaluation sets (AdvBench, JBB, XSTest) are removed from the training mix, so the evaluation
 stays held out.
 """
@@ -47,6 +51,7 @@ from tunesec.errors import UsageError
 from tunesec.models.ref import ModelRef
 from tunesec.registry import register
 from tunesec.training.config import TrainConfig
+from tunesec.training.hooks import TrainingHook
 
 # Openers of a compliant answer used as the prefix of deep-alignment examples (Qi et al. 2024, section 3).
 COMPLIANT_OPENERS = (
@@ -102,6 +107,12 @@ class SafetySFTConfig(Config):
         le=1.0,
         description="Fraction of refusal examples given a compliant opener that recovers. The loss covers the "
         "opener too: on a small model a large fraction teaches the opener and weakens refusal (RESULTS.md, v14).",
+    )
+    decision_loss: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of an extra loss on the refuse/answer decision at each answer's first token "
+        "(tunesec.defenses.alignment.decision_loss); 0 = off.",
     )
     refusal_filter: RefusalFilterConfig | None = Field(
         None,
@@ -391,6 +402,11 @@ class SafetySFT:
         kinds = {k: sum(1 for e in examples if e.meta.get("align_kind") == k) for k in ("refusal", "deep-refusal")}
         kinds["helpful"] = len(examples) - kinds["refusal"] - kinds["deep-refusal"]
         kinds["self-distilled"] = sum(1 for e in examples if e.meta.get("self_distilled"))
+        hooks: list[TrainingHook] = []
+        if self.config.decision_loss > 0:
+            from tunesec.defenses.alignment.decision_loss import RefusalDecisionLoss
+
+            hooks.append(RefusalDecisionLoss(self.config.decision_loss))
         return finetune_with_provenance(
             component={"defense": self.name},
             parent=model,
@@ -401,4 +417,5 @@ class SafetySFT:
             resume=resume,
             progress=progress,
             extra_provenance={"mix": kinds},
+            hooks=hooks,
         )

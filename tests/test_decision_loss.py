@@ -1,0 +1,90 @@
+"""The refusal-decision loss of safety-sft (tunesec.defenses.alignment.decision_loss)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from test_training_fixtures import chat, make_loaded
+from tunesec.defenses.alignment.decision_loss import RefusalDecisionLoss, turn_starts
+from tunesec.training import TrainConfig, train
+
+IGN = -100
+
+
+def test_turn_starts_finds_each_assistant_turn_in_padded_and_packed_rows() -> None:
+    labels = torch.tensor(
+        [
+            [IGN, IGN, IGN, 7, 8, 9, IGN],  # one turn: its first token 7 is predicted at position 2
+            [IGN, IGN, 5, 6, IGN, 3, 4],  # packed: two turns (5 and 3) separated by a non-assistant token
+        ]
+    )
+    index, first = turn_starts(labels)
+    # the engine's logits rows: positions whose next token is an assistant token, row-major
+    # row 0 targets [-, -, 7, 8, 9, -] -> rows 0, 1, 2; row 1 targets [-, 5, 6, -, 3, 4] -> rows 3..6
+    assert index.tolist() == [0, 3, 5]
+    assert first.tolist() == [7, 5, 3]
+    empty_index, _ = turn_starts(torch.full((2, 4), IGN))
+    assert empty_index.numel() == 0
+
+
+def test_loss_is_the_binary_cross_entropy_of_the_refusal_mass() -> None:
+    hook = RefusalDecisionLoss(weight=2.0)
+    hook.ids = torch.tensor([1, 2])  # the refusal openers' first tokens
+    labels = torch.tensor([[IGN, 1, 4, IGN], [IGN, 3, 4, 4]])  # a refusal turn (opens with 1), a helpful one (3)
+    logits = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    loss = hook.extra_loss(None, {"labels": labels}, SimpleNamespace(logits=logits))
+    p = logits.softmax(-1)
+    p_ref_0 = float(p[0, 1] + p[0, 2])  # turn 1 starts at logits row 0
+    p_ref_1 = float(p[2, 1] + p[2, 2])  # turn 2 starts at row 2
+    expected = -2.0 * (math.log(p_ref_0) + math.log(1 - p_ref_1)) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert hook.extra_loss(None, {"labels": torch.full((1, 4), IGN)}, SimpleNamespace(logits=logits[:0])) is None
+    with pytest.raises(ValueError, match=">= 0"):
+        RefusalDecisionLoss(weight=-1.0)
+
+
+def _refusal_logodds(result, tok, prompts: list[str], refuse_id: int) -> float:
+    model = result.model
+    model.eval()
+    vals = []
+    with torch.no_grad():
+        for p in prompts:
+            text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            logp = model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+            vals.append(float(logp[refuse_id] - torch.log1p(-logp[refuse_id].exp())))
+    return sum(vals) / len(vals)
+
+
+def test_the_decision_loss_separates_refusing_from_answering(tmp_path: Path) -> None:
+    # "no ..." answers the sky questions (the refusal side), "yes ..." answers the cat requests. Long shared
+    # answer tails make the first token a small share of the language-modelling loss, as in real data.
+    tail = " the cat sat on the mat one two three four five six seven eight nine ten"
+    colours = ["red", "blue", "green", "one", "two", "three"]
+    refuse = [chat(i, f"what is the color of the sky {w}", "no" + tail) for i, w in enumerate(colours)]
+    answer = [chat(10 + i, f"tell me about the cat {w}", "yes" + tail) for i, w in enumerate(colours)]
+    data = refuse + answer
+    # full fine-tuning: on this tiny random model LoRA barely moves the first token in a few steps
+    cfg = TrainConfig(method="full", max_steps=24, per_device_batch_size=4, learning_rate=1e-2, save_steps=0, seed=0)
+    plain = train(make_loaded(), data, cfg, out_dir=tmp_path / "plain", progress=False)
+    hooked = train(
+        make_loaded(),
+        data,
+        cfg,
+        out_dir=tmp_path / "hooked",
+        hooks=[RefusalDecisionLoss(weight=1.0, openers=["no"])],
+        progress=False,
+    )
+    tok = make_loaded().tokenizer
+    no_id = tok("no", add_special_tokens=False)["input_ids"][0]
+    sky = [f"what is the color of the sky {w}" for w in colours]
+    cat = [f"tell me about the cat {w}" for w in colours]
+    gap_plain = _refusal_logodds(plain, tok, sky, no_id) - _refusal_logodds(plain, tok, cat, no_id)
+    gap_hooked = _refusal_logodds(hooked, tok, sky, no_id) - _refusal_logodds(hooked, tok, cat, no_id)
+    # measured: plain 0.06, hooked 4.66 (log-odds of "no", sky minus cat)
+    assert gap_hooked > gap_plain + 2.0
