@@ -43,9 +43,14 @@ def test_loss_is_the_binary_cross_entropy_of_the_refusal_mass() -> None:
     p_ref_1 = float(p[2, 1] + p[2, 2])  # turn 2 starts at row 2
     expected = -2.0 * (math.log(p_ref_0) + math.log(1 - p_ref_1)) / 2
     assert float(loss) == pytest.approx(expected, rel=1e-5)
+    hook.refusal_weight = 3.0  # the refusal turn's term counts three times
+    loss = hook.extra_loss(None, {"labels": labels}, SimpleNamespace(logits=logits))
+    assert float(loss) == pytest.approx(-2.0 * (3 * math.log(p_ref_0) + math.log(1 - p_ref_1)) / 2, rel=1e-5)
     assert hook.extra_loss(None, {"labels": torch.full((1, 4), IGN)}, SimpleNamespace(logits=logits[:0])) is None
     with pytest.raises(ValueError, match=">= 0"):
         RefusalDecisionLoss(weight=-1.0)
+    with pytest.raises(ValueError, match="refusal_weight > 0"):
+        RefusalDecisionLoss(refusal_weight=0.0)
 
 
 def _refusal_logodds(result, tok, prompts: list[str], refuse_id: int) -> float:

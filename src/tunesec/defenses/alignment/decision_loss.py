@@ -60,14 +60,19 @@ class RefusalDecisionLoss(TrainingHook):
             decision about as much weight as all other tokens together).
         openers: Texts whose first tokens count as refusing (default
             :data:`tunesec.models.directions.REFUSAL_OPENERS`).
+        refusal_weight: Weight of the refusal turns' terms relative to the answers' (a positive-class weight):
+            above 1 the learned decision leans towards refusing, below 1 towards answering.
     """
 
     name = "refusal-decision-loss"
 
-    def __init__(self, weight: float = 1.0, openers: Sequence[str] | None = None) -> None:
-        if weight < 0:
-            raise ValueError(f"decision loss weight must be >= 0, got {weight}")
+    def __init__(self, weight: float = 1.0, openers: Sequence[str] | None = None, refusal_weight: float = 1.0) -> None:
+        if weight < 0 or refusal_weight <= 0:
+            raise ValueError(
+                f"decision loss: weight must be >= 0 and refusal_weight > 0, got {weight}, {refusal_weight}"
+            )
         self.weight = weight
+        self.refusal_weight = refusal_weight
         self.openers = tuple(openers) if openers is not None else None
         self.ids: Any = None
 
@@ -94,4 +99,5 @@ class RefusalDecisionLoss(TrainingHook):
         log_p = torch.logsumexp(logits[:, ids], dim=-1) - torch.logsumexp(logits, dim=-1)
         log_not = torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
         refusal = torch.isin(first, ids).to(logits.device)
-        return -self.weight * torch.where(refusal, log_p, log_not).mean()
+        terms = torch.where(refusal, self.refusal_weight * log_p, log_not)
+        return -self.weight * terms.mean()

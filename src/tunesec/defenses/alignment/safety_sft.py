@@ -114,6 +114,11 @@ class SafetySFTConfig(Config):
         description="Weight of an extra loss on the refuse/answer decision at each answer's first token "
         "(tunesec.defenses.alignment.decision_loss); 0 = off.",
     )
+    decision_refusal_weight: float = Field(
+        1.0,
+        gt=0.0,
+        description="Weight of refusals relative to answers in the decision loss; above 1 leans towards refusing.",
+    )
     refusal_filter: RefusalFilterConfig | None = Field(
         None,
         description="Screen each refusal dataset before drawing from it: prompts nearer to benign instructions "
@@ -406,7 +411,9 @@ class SafetySFT:
         if self.config.decision_loss > 0:
             from tunesec.defenses.alignment.decision_loss import RefusalDecisionLoss
 
-            hooks.append(RefusalDecisionLoss(self.config.decision_loss))
+            hooks.append(
+                RefusalDecisionLoss(self.config.decision_loss, refusal_weight=self.config.decision_refusal_weight)
+            )
         return finetune_with_provenance(
             component={"defense": self.name},
             parent=model,
