@@ -32,8 +32,8 @@ def test_turn_starts_finds_each_assistant_turn_in_padded_and_packed_rows() -> No
     assert empty_index.numel() == 0
 
 
-def test_loss_is_the_binary_cross_entropy_of_the_refusal_mass() -> None:
-    hook = RefusalDecisionLoss(weight=2.0)
+def test_first_token_loss_is_the_binary_cross_entropy_of_the_refusal_mass() -> None:
+    hook = RefusalDecisionLoss(weight=2.0, whole_opener=False)
     hook.ids = torch.tensor([1, 2])  # the refusal openers' first tokens
     labels = torch.tensor([[IGN, 1, 4, IGN], [IGN, 3, 4, 4]])  # a refusal turn (opens with 1), a helpful one (3)
     logits = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
@@ -51,6 +51,27 @@ def test_loss_is_the_binary_cross_entropy_of_the_refusal_mass() -> None:
         RefusalDecisionLoss(weight=-1.0)
     with pytest.raises(ValueError, match="refusal_weight > 0"):
         RefusalDecisionLoss(refusal_weight=0.0)
+
+
+def test_whole_opener_loss_scores_refusals_on_their_opener_and_skips_ambiguous_turns() -> None:
+    hook = RefusalDecisionLoss(weight=1.0)
+    hook.sequences = [(1, 4), (2,)]  # openers "1 4" and "2", longest first
+    hook.ids = torch.tensor([1, 2])
+    labels = torch.tensor(
+        [
+            [IGN, 1, 4, 6],  # a refusal: opener 1 4 -> rows 0, 1
+            [IGN, 3, 6, 6],  # an answer (first token 3) -> row 3
+            [IGN, 1, 5, 6],  # opens with 1 but is no opener: ambiguous, left out (rows 6-8)
+        ]
+    )
+    logits = torch.randn(9, 7, generator=torch.Generator().manual_seed(1))
+    loss = hook.extra_loss(None, {"labels": labels}, SimpleNamespace(logits=logits))
+    lp = logits.log_softmax(-1)
+    refusal = float(lp[0, 1] + lp[1, 4])
+    answer = math.log(1 - float(lp[3, 1].exp() + lp[3, 2].exp()))
+    assert float(loss) == pytest.approx(-(refusal + answer) / 2, rel=1e-5)
+    # only ambiguous turns: nothing to score
+    assert hook.extra_loss(None, {"labels": labels[2:]}, SimpleNamespace(logits=logits[6:])) is None
 
 
 def _refusal_logodds(result, tok, prompts: list[str], refuse_id: int) -> float:

@@ -53,51 +53,98 @@ def turn_starts(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RefusalDecisionLoss(TrainingHook):
-    """Binary cross-entropy on the refuse/answer decision at each assistant turn's first token.
+    """Cross-entropy on the refuse/answer decision at the start of each assistant turn.
+
+    A turn that opens with one of the refusal openers' token sequences is a refusal; its term is the
+    log-probability of that whole opener (``whole_opener``), or of the first tokens' refusal mass
+    (``whole_opener=False``). A turn whose first token is not a refusal opener's first token is an answer; its
+    term is ``log(1 - P(first token is a refusal opener's first token))``. A turn that opens with such a first
+    token but no whole opener ("I'd suggest" next to "I'm sorry") is ambiguous and left out when
+    ``whole_opener`` is on; with it off, it counts as a refusal, as in the first-token version.
+
+    Why whole openers: with SmolLM2's tokenizer "I'm sorry" and "I'm thrilled" share their first two tokens, so
+    a first-token loss teaches the model to begin with "I" on harmful requests but not to go on with "'m sorry"
+    (measured: candidate v15 answered JBB-harmful requests with "I'm thrilled to share ...", docs/RESULTS.md).
 
     Args:
         weight: Multiplier of the term (the language-modelling loss is a per-token mean, so 1.0 gives the
             decision about as much weight as all other tokens together).
-        openers: Texts whose first tokens count as refusing (default
-            :data:`tunesec.models.directions.REFUSAL_OPENERS`).
+        openers: Texts that open a refusal (default :data:`tunesec.models.directions.REFUSAL_OPENERS`).
         refusal_weight: Weight of the refusal turns' terms relative to the answers' (a positive-class weight):
             above 1 the learned decision leans towards refusing, below 1 towards answering.
+        whole_opener: Score a refusal turn on its whole opener (default) rather than on its first token.
     """
 
     name = "refusal-decision-loss"
 
-    def __init__(self, weight: float = 1.0, openers: Sequence[str] | None = None, refusal_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        weight: float = 1.0,
+        openers: Sequence[str] | None = None,
+        refusal_weight: float = 1.0,
+        whole_opener: bool = True,
+    ) -> None:
         if weight < 0 or refusal_weight <= 0:
             raise ValueError(
                 f"decision loss: weight must be >= 0 and refusal_weight > 0, got {weight}, {refusal_weight}"
             )
         self.weight = weight
         self.refusal_weight = refusal_weight
+        self.whole_opener = whole_opener
         self.openers = tuple(openers) if openers is not None else None
         self.ids: Any = None
+        self.sequences: list[tuple[int, ...]] = []
 
     def setup(self, ctx: HookContext) -> None:
-        """Token ids of the refusal openers' first tokens under the run's tokenizer."""
+        """Token sequences of the refusal openers, and their first tokens, under the run's tokenizer."""
         import torch
 
-        from tunesec.models.directions import REFUSAL_OPENERS, refusal_token_ids
+        from tunesec.models.directions import REFUSAL_OPENERS
 
-        ids = refusal_token_ids(ctx.tokenizer, self.openers or REFUSAL_OPENERS)
-        if not ids:
+        seqs = {tuple(ctx.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in self.openers or REFUSAL_OPENERS}
+        self.sequences = sorted((s for s in seqs if s), key=len, reverse=True)  # longest match first
+        if not self.sequences:
             raise ValueError("decision loss: no refusal opener encodes to a token")
-        self.ids = torch.tensor(ids, dtype=torch.long, device=ctx.device)
+        first = sorted({s[0] for s in self.sequences})
+        self.ids = torch.tensor(first, dtype=torch.long, device=ctx.device)
+
+    def _opener_length(self, tokens: list[int]) -> int:
+        """Length of the longest refusal opener that ``tokens`` start with (0: none)."""
+        for seq in self.sequences:
+            if tuple(tokens[: len(seq)]) == seq:
+                return len(seq)
+        return 0
 
     def extra_loss(self, model: Any, inputs: Batch, outputs: Any) -> torch.Tensor | None:
-        """The weighted decision loss of this micro-batch (``None`` when it holds no assistant turn start)."""
+        """The weighted decision loss of this micro-batch (``None`` when it holds no turn to score)."""
         import torch
 
         index, first = turn_starts(inputs["labels"])
         if index.numel() == 0 or self.weight == 0:
             return None
-        ids = self.ids.to(first.device)
-        logits = outputs.logits[index.to(outputs.logits.device)].float()
-        log_p = torch.logsumexp(logits[:, ids], dim=-1) - torch.logsumexp(logits, dim=-1)
-        log_not = torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
-        refusal = torch.isin(first, ids).to(logits.device)
-        terms = torch.where(refusal, self.refusal_weight * log_p, log_not)
-        return -self.weight * terms.mean()
+        targets = inputs["labels"][:, 1:]
+        flat = targets[targets != IGNORE_INDEX].tolist()  # the logits rows' target tokens, in order
+        logits = outputs.logits
+        ids = self.ids.to(logits.device)
+        first_ids = set(self.ids.tolist())
+        starts = index.tolist()
+        ends = [*starts[1:], len(flat)]  # a turn's rows run up to the next turn's first row
+        terms: list[torch.Tensor] = []
+        for row, end, tok in zip(starts, ends, first.tolist(), strict=True):
+            head = logits[row].float()
+            n = self._opener_length(flat[row:end]) if self.whole_opener else 0
+            if n:  # a refusal: the log-probability of its whole opener
+                rows = logits[row : row + n].float().log_softmax(-1)
+                want = torch.tensor(flat[row : row + n], device=rows.device)
+                terms.append(self.refusal_weight * rows.gather(1, want[:, None]).sum())
+                continue
+            log_p = torch.logsumexp(head[ids], dim=-1) - torch.logsumexp(head, dim=-1)
+            if tok in first_ids:
+                if self.whole_opener:
+                    continue  # opens like a refusal but is none: ambiguous at the first token
+                terms.append(self.refusal_weight * log_p)
+            else:  # an answer: push the refusal openers' first-token mass down
+                terms.append(torch.log1p(-log_p.exp().clamp(max=1 - 1e-6)))
+        if not terms:
+            return None
+        return -self.weight * torch.stack(terms).mean()

@@ -119,6 +119,11 @@ class SafetySFTConfig(Config):
         gt=0.0,
         description="Weight of refusals relative to answers in the decision loss; above 1 leans towards refusing.",
     )
+    decision_whole_opener: bool = Field(
+        True,
+        description="Score a refusal on its whole opener ('I'm sorry'), not only its first token ('I'), in the "
+        "decision loss.",
+    )
     refusal_filter: RefusalFilterConfig | None = Field(
         None,
         description="Screen each refusal dataset before drawing from it: prompts nearer to benign instructions "
@@ -412,7 +417,11 @@ class SafetySFT:
             from tunesec.defenses.alignment.decision_loss import RefusalDecisionLoss
 
             hooks.append(
-                RefusalDecisionLoss(self.config.decision_loss, refusal_weight=self.config.decision_refusal_weight)
+                RefusalDecisionLoss(
+                    self.config.decision_loss,
+                    refusal_weight=self.config.decision_refusal_weight,
+                    whole_opener=self.config.decision_whole_opener,
+                )
             )
         return finetune_with_provenance(
             component={"defense": self.name},
