@@ -144,10 +144,10 @@ REFUSAL_OPENERS = (
 )
 
 
-def refusal_token_ids(tokenizer: Any, openers: Sequence[str] = REFUSAL_OPENERS) -> list[int]:
-    """First token ids of ``openers`` (default :data:`REFUSAL_OPENERS`), deduplicated."""
+def refusal_token_ids(tokenizer: Any) -> list[int]:
+    """First token ids of :data:`REFUSAL_OPENERS` (deduplicated)."""
     ids: list[int] = []
-    for text in openers:
+    for text in REFUSAL_OPENERS:
         enc = tokenizer(text, add_special_tokens=False)["input_ids"]
         if enc and enc[0] not in ids:
             ids.append(int(enc[0]))
