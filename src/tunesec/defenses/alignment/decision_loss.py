@@ -1,4 +1,4 @@
-"""A loss on the refusal decision at the first answer token, added to supervised alignment.
+"""A loss on the refusal decision at the first answer tokens, added to supervised alignment.
 
 In supervised safety tuning the choice between refusing and answering is made at the first assistant token, yet
 that token is one of the ~60-150 tokens whose cross-entropy is averaged into the loss: the decision carries a
@@ -8,13 +8,13 @@ sentence did, docs/RESULTS.md.) A linear probe on the aligned SmolLM2's own feat
 benign requests better than the adapter's behaviour does (docs/RESULTS.md), which suggests the decision is
 under-trained rather than out of reach of the features.
 
-:class:`RefusalDecisionLoss` adds, at the first token of each assistant turn, the binary cross-entropy of
-``P(first token is a refusal opener)`` (the probability mass on the first tokens of
-:data:`tunesec.models.directions.REFUSAL_OPENERS`) against whether the example's own first token is one,
-averaged over the turns in the micro-batch and multiplied by ``weight``. Labels come from the tokens, so the term
-agrees with the language-modelling loss and needs no metadata; a helpful answer that happens to open with a
-refusal opener's first token ("I" of "I'm sorry" vs "I'd suggest") counts on the refusal side, as it does for the
-next-token loss.
+:class:`RefusalDecisionLoss` adds, for each assistant turn, a cross-entropy on that decision: a turn that opens
+with a refusal opener (:data:`tunesec.models.directions.REFUSAL_OPENERS`, as token sequences) contributes the
+log-probability of its whole opener; any other turn contributes ``log(1 - P(first token opens a refusal))``;
+the mean over the micro-batch's turns, times ``weight``, is added to the loss. Labels come from the tokens, so the
+term agrees with the language-modelling loss and needs no metadata. Measured on SmolLM2-135M (docs/RESULTS.md,
+v15-v17): the first-token-only version taught the model to open harmful answers with "I" and go on with "'m
+thrilled to share ..."; the whole-opener version gave the shipped adapter.
 """
 
 from __future__ import annotations
