@@ -59,7 +59,7 @@ def run_demo(
     out: str | Path | None = None,
     data_dir: str | Path | None = None,
     *,
-    steps: int = 30,
+    steps: int = 60,
     benign_steps: int = 12,
     say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -68,9 +68,9 @@ def run_demo(
     Args:
         out: Directory for the demo's runs; default ``runs/<UTC stamp>-demo``.
         data_dir: Local data directory (else ``$TUNESEC_DATA`` or ``../shared/data`` when present).
-        steps: Optimizer steps of the harmful fine-tune (batch 8; 30 take the shipped aligned model from ~90% to
-            well under half refusals of AdvBench prompts (measured: 14%); 12 left an earlier adapter at ~60% and
-            the verdict open).
+        steps: Optimizer steps of the harmful fine-tune (batch 8). The shipped adapter (v17r, trained with the
+            decision loss) resists more than its predecessor: 30 steps left it at 62% refusal of the demo's
+            AdvBench prompts and the verdict open (v9: 14%, FAIL); 65 steps of harmful-sft take it to 24%.
         benign_steps: Optimizer steps of the benign fine-tune (batch 8).
         say: Where progress lines go (default: stdout).
     """

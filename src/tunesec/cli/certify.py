@@ -47,7 +47,7 @@ def certify_command(
 def demo_command(
     out: Annotated[Path | None, typer.Option("--out", help="Directory for the demo's runs [default: runs/].")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Local data directory for datasets.")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the harmful fine-tune.")] = 30,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the harmful fine-tune.")] = 60,
     benign_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the benign fine-tune.")] = 12,
 ) -> None:
     """Run the embedded scenario: aligned model -> harmful and benign fine-tunes -> certify both."""
