@@ -4,15 +4,16 @@ In supervised safety tuning the choice between refusing and answering is made at
 that token is one of the ~60-150 tokens whose cross-entropy is averaged into the loss: the decision carries a
 tiny share of it, and the rest goes to reproducing the refusal and answer texts. (The same showed in tunesec's
 backdoor attack: triggered answers that each opened differently did not implant the trigger; one shared opening
-sentence did, docs/RESULTS.md.) A linear probe on the aligned SmolLM2's own features separates JBB's harmful and
-benign requests better than the adapter's behaviour does (docs/RESULTS.md), which suggests the decision is
-under-trained rather than out of reach of the features.
+sentence did, docs/RESULTS.md.) A linear probe on the features of SmolLM2 aligned without this loss (v9)
+separates JBB's harmful and benign requests better than that adapter's behaviour does (docs/RESULTS.md), which
+suggested the decision was under-trained rather than out of reach of the features.
 
 :class:`RefusalDecisionLoss` adds, for each assistant turn, a cross-entropy on that decision: a turn that opens
 with a refusal opener (:data:`tunesec.models.directions.REFUSAL_OPENERS`, as token sequences) contributes the
 log-probability of its whole opener; any other turn contributes ``log(1 - P(first token opens a refusal))``;
 the mean over the micro-batch's turns, times ``weight``, is added to the loss. Labels come from the tokens, so the
-term agrees with the language-modelling loss and needs no metadata. Measured on SmolLM2-135M (docs/RESULTS.md,
+term agrees with the language-modelling loss and needs no metadata; a refusal that opens otherwise ("No, it
+is not safe ...") counts as an answer. Measured on SmolLM2-135M (docs/RESULTS.md,
 v15-v17): the first-token-only version taught the model to open harmful answers with "I" and go on with "'m
 thrilled to share ..."; the whole-opener version gave the shipped adapter.
 """

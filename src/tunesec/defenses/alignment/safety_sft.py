@@ -26,9 +26,10 @@ so they hold its helpful behaviour in place while the refusals are learned; this
 of Yang et al. 2024 ("Self-Distillation Bridges Distribution Gap in Language Model Fine-Tuning"), applied to the
 benign side of the mix. The answers are as accurate as the model is: they teach behaviour, not facts.
 
-Decision loss (``decision_loss > 0``): an extra binary cross-entropy on refusing vs answering at each answer's
-first token (:mod:`tunesec.defenses.alignment.decision_loss`), which otherwise carries a tiny share of the
-per-token loss.
+Decision loss (``decision_loss > 0``): an extra cross-entropy on refusing vs answering at each answer's first
+tokens (:mod:`tunesec.defenses.alignment.decision_loss`), a decision that otherwise carries a tiny share of the
+per-token loss. Measured on SmolLM2-135M (docs/RESULTS.md, v17/v17r): JBB-harmful refusal 82% -> 90-91% and
+XSTest-safe over-refusal 12% -> 3-4% on the same examples; the shipped recipe uses weight 1.0.
 
 Prompts of the evaluation sets (AdvBench, JBB, XSTest) are removed from the training mix, so the evaluation
 stays held out.
@@ -111,7 +112,7 @@ class SafetySFTConfig(Config):
     decision_loss: float = Field(
         0.0,
         ge=0.0,
-        description="Weight of an extra loss on the refuse/answer decision at each answer's first token "
+        description="Weight of an extra loss on the refuse/answer decision at each answer's first tokens "
         "(tunesec.defenses.alignment.decision_loss); 0 = off.",
     )
     decision_refusal_weight: float = Field(
