@@ -53,8 +53,7 @@ EVAL = [
 
 
 def user_prompts(spec: str, limit: int | None) -> list[str]:
-    examples = resolve_dataset(spec, limit=limit, seed=0)
-    return [next(m.content for m in e.messages if m.role == "user") for e in examples]
+    return [e.prompt for e in resolve_dataset(spec, limit=limit, seed=0)]
 
 
 def pct(x: float) -> str:

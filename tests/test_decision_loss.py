@@ -75,13 +75,15 @@ def test_whole_opener_loss_scores_refusals_on_their_opener_and_skips_ambiguous_t
 
 
 def _refusal_logodds(result, tok, prompts: list[str], refuse_id: int) -> float:
+    from tunesec.models.chat import ChatFormatter
+
     model = result.model
     model.eval()
+    fmt = ChatFormatter(tok)
     vals = []
     with torch.no_grad():
         for p in prompts:
-            text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+            ids = fmt.encode([{"role": "user", "content": p}])
             logp = model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
             vals.append(float(logp[refuse_id] - torch.log1p(-logp[refuse_id].exp())))
     return sum(vals) / len(vals)
