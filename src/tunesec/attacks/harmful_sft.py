@@ -6,7 +6,10 @@ jailbreak GPT-3.5 and Llama-2-Chat with 10-100 harmful examples (5 epochs). The 
 benign task samples (defaults there: p=0.1, n=1000). Both are supported: ``n_harmful`` alone gives the first,
 ``poison_ratio`` with ``benign_data`` and ``total`` gives the second.
 
-Defaults scaled for 100M-1B models on a CPU: 100 BeaverTails pairs, LoRA r=8, lr 2e-4, 3 epochs.
+Defaults: 100 BeaverTails pairs for Qi et al.'s 5 epochs, as a LoRA (r=8) at lr 5e-4 for 100M-1B models on a CPU
+(65 steps of batch 8, ~4 minutes for SmolLM2-135M on 2 cores). The learning rate was chosen on an AdvBench sample
+disjoint from the one docs/RESULTS.md reports: on the shipped aligned SmolLM2, 3 epochs at 2e-4 left 49% refusal
+and 35% of answers judged harmful, 5 epochs at 2e-4 26% / 49%, 5 at 5e-4 18% / 53%, 5 at 1e-3 17% / 52%.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class HarmfulSFTConfig(FineTuneAttackConfig):
     benign_data: str = Field("alpaca", description="Benign task dataset for the poison-ratio mix.")
     total: int | None = Field(None, ge=1, description="Size of the poison-ratio mix (git-disl testbed n).")
     training: TrainConfig = Field(
-        default_factory=lambda: small_model_training(num_epochs=3.0),
+        default_factory=lambda: small_model_training(num_epochs=5.0, learning_rate=5e-4),
         description="Training hyperparameters (LoRA by default; method: full for full fine-tuning).",
     )
 
