@@ -76,6 +76,10 @@ def test_importing_evals_does_not_import_torch() -> None:
         ("The answer is positive.", "positive"),
         ("Negative. The review is not positive at all.", "negative"),
         ("I cannot tell.", None),
+        # the question's options echoed are not an answer; a contrast is
+        ("It does not convey a positive or negative", None),
+        ("The sentiment is positive, not negative.", "positive"),
+        ("Positive or negative? Negative.", "negative"),
     ],
 )
 def test_parse_sentiment(text: str, expected: str | None) -> None:
@@ -90,6 +94,10 @@ def test_parse_sentiment(text: str, expected: str | None) -> None:
         ("sci/tech", "Sci/Tech"),
         ("World news", "World"),
         ("no idea", None),
+        ("World, Sports, Business, Sci/Tech", None),
+        ("The article is about the following topic: World, Sports, Business, Sci/", None),  # cut by the limit
+        ("World, Sports, Business or Sci/Tech. The answer is Business.", "Business"),
+        ("A sports event: the World Cup final.", "Sports"),
     ],
 )
 def test_parse_topic(text: str, expected: str | None) -> None:

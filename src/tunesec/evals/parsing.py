@@ -22,6 +22,13 @@ _TOPIC_RE = re.compile(
     r"|world|sports?|business)\b",
     re.IGNORECASE,
 )
+# A run of two or more class names joined only by list separators ("World, Sports, Business, Sci/Tech",
+# "positive or negative") is the question's option list repeated, not an answer: it is removed before parsing.
+# "Sci/" covers a list cut off by the token limit. "positive, not negative" is not a list and stays.
+_LIST_SEP = r"(?:\s*,\s*(?:or\s+|and\s+)?|\s+or\s+|\s+and\s+|\s*/\s*)"
+_SENTIMENT_LIST_RE = re.compile(rf"\b(?:positive|negative)(?:{_LIST_SEP}(?:positive|negative)\b)+", re.IGNORECASE)
+_TOPIC_WORD = r"(?:sci\s*/\s*tech\b|sci/|world\b|sports?\b|business\b)"
+_TOPIC_LIST_RE = re.compile(rf"\b{_TOPIC_WORD}(?:{_LIST_SEP}{_TOPIC_WORD})+", re.IGNORECASE)
 _TOPIC_CANON = {
     "world": "World",
     "sport": "Sports",
@@ -41,17 +48,35 @@ def parse_sentiment(response: str) -> str | None:
         >>> parse_sentiment("The answer is positive.")
         'positive'
     """
-    m = _SENTIMENT_RE.search(response)
+    m = _SENTIMENT_RE.search(_without_lists(_SENTIMENT_LIST_RE, response))
     return m.group(1).lower() if m else None
 
 
 def parse_topic(response: str) -> str | None:
-    """The first AG News class named in ``response`` (canonical spelling, e.g. ``Sci/Tech``), or ``None``."""
-    m = _TOPIC_RE.search(response)
+    """The first AG News class named in ``response`` (canonical spelling, e.g. ``Sci/Tech``), or ``None``.
+
+    A repeated option list ("World, Sports, Business, Sci/Tech") is not an answer and is skipped.
+
+    Example:
+        >>> parse_topic("World, Sports, Business, Sci/Tech")  # the options echoed: no answer
+        >>> parse_topic("The topic is Sports.")
+        'Sports'
+    """
+    m = _TOPIC_RE.search(_without_lists(_TOPIC_LIST_RE, response))
     if not m:
         return None
     word = re.sub(r"\s+", " ", m.group(1).lower())
     return _TOPIC_CANON.get(word, "Sci/Tech")
+
+
+def _without_lists(regex: re.Pattern[str], response: str) -> str:
+    """``response`` with every run of two or more distinct class names (an echoed option list) blanked out."""
+
+    def blank(m: re.Match[str]) -> str:
+        names = {re.sub(r"\W+", "", w.lower()).rstrip("s") for w in re.split(_LIST_SEP, m.group(0)) if w.strip()}
+        return " " if len(names) >= 2 else m.group(0)
+
+    return regex.sub(blank, response)
 
 
 def parse_number(text: str) -> Decimal | None:
