@@ -25,6 +25,13 @@ def eval_command(
     dataset: Annotated[
         str | None, typer.Option(help="Dataset name or file path [default: the task's dataset].")
     ] = None,
+    task_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task-option",
+            help="Task argument KEY=VALUE, e.g. scoring=choices for utility (the most likely label; repeatable).",
+        ),
+    ] = None,
     judge: Annotated[str | None, typer.Option(help="Judge name [default: the task's judge].")] = None,
     judge_option: Annotated[
         list[str] | None,
@@ -65,6 +72,7 @@ def eval_command(
         dataset=dataset,
         judge=judge,
         judge_options=_key_values("--judge-option", judge_option),
+        task_options=_key_values("--task-option", task_option) if task_option else None,
         limit=limit,
         out=out,
         resume=resume,

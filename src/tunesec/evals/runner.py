@@ -100,6 +100,7 @@ def evaluate(
     judge: str | Judge | None = None,
     judge_options: Mapping[str, Any] | None = None,
     *,
+    task_options: Mapping[str, Any] | None = None,
     limit: int | None = None,
     out: str | Path | None = None,
     resume: str | Path | None = None,
@@ -127,6 +128,7 @@ def evaluate(
         judge: Judge name or instance; default: the task's judge (the utility task uses none).
         judge_options: Arguments for a named judge, e.g. ``{"grader": "openai:gpt-4o-mini"}`` for
             ``strongreject-rubric`` or ``{"model": "meta-llama/Llama-Guard-3-1B"}`` for ``guard-model``.
+        task_options: Arguments for a named task, e.g. ``{"scoring": "choices"}`` for ``utility``.
         limit: Evaluate a seeded sample of this many examples (stratified by category when the data module
             provides sampling).
         out: New or empty directory for the run; default ``root/<UTC stamp>-<task>-<model>``.
@@ -152,7 +154,7 @@ def evaluate(
     started = time.perf_counter()
     prior: dict[str, Any] = RunDir.open(resume).spec if resume is not None else {}
 
-    task_obj = _resolve_task(task, prior)
+    task_obj = _resolve_task(task, prior, task_options)
     examples, dataset_spec = _resolve_dataset(task_obj, dataset, dataset_options, data_dir, limit, seed, prior)
     judge_obj = _resolve_judge(task_obj, judge, prior, judge_options)
     gen_config = _resolve_generation(task_obj, examples, generation, seed, prior)
@@ -189,7 +191,17 @@ def evaluate(
         assert generator is not None
         prompts = task_obj.build_prompts(chunk)
         t_gen = time.perf_counter()
-        gens = generator.generate(prompts, gen_config, progress=progress)
+        choice_sets = task_obj.choices(chunk)
+        if choice_sets is None:
+            gens = generator.generate(prompts, gen_config, progress=progress)
+        else:
+            choose = getattr(generator, "choose", None)
+            if choose is None:
+                raise UsageError(
+                    f"model {model_name}: task {task_obj.name} with scoring=choices needs token log-probabilities, "
+                    "which this backend does not give; use scoring=generate"
+                )
+            gens = choose(prompts, choice_sets, gen_config, progress=progress)
         t_judge = time.perf_counter()
         # A backend may report batch time on each generation; the chunk's wall time shared out is additive.
         gen_each = (t_judge - t_gen) / max(1, len(chunk))
@@ -230,16 +242,18 @@ def evaluate(
     return report
 
 
-def _resolve_task(task: str | Task | None, prior: Mapping[str, Any]) -> Task:
+def _resolve_task(task: str | Task | None, prior: Mapping[str, Any], options: Mapping[str, Any] | None) -> Task:
     if isinstance(task, Task):
+        if options:
+            raise UsageError("task_options: give them to the task instance, not with one")
         return task
     stored = prior.get("task") or {}
     if task is None:
         if stored:
-            options = {k: v for k, v in stored.items() if k != "name"}
-            return get_task(str(stored["name"]), **options)
+            stored_options = {k: v for k, v in stored.items() if k != "name"}
+            return get_task(str(stored["name"]), **{**stored_options, **(options or {})})
         task = "harmfulness"
-    return get_task(task)
+    return get_task(task, **(options or {}))
 
 
 def _resolve_dataset(

@@ -71,6 +71,14 @@ class Task(ABC):
         """The chat sent to the model for each example (the example's prompt turns, unchanged by default)."""
         return [ex.prompt_chat() for ex in examples]
 
+    def choices(self, examples: Sequence[Example]) -> list[list[str]] | None:
+        """Answer options per example when the task scores by choosing among them, else ``None`` (generate).
+
+        With options, the runner asks the model for its most likely option (``HFGenerator.choose``) instead of
+        a generated answer; ``score`` then sees the chosen option as the response.
+        """
+        return None
+
     @abstractmethod
     def score(
         self, examples: Sequence[Example], generations: Sequence[Generation], judge: Judge | None

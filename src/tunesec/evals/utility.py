@@ -13,7 +13,7 @@ from typing import Any, Literal
 from tunesec.data.schema import Example
 from tunesec.errors import UsageError
 from tunesec.evals.metrics import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, MetricValue
-from tunesec.evals.parsing import TOPIC_LABELS, UtilityKind, infer_kind, normalize_label, parse_answer
+from tunesec.evals.parsing import SENTIMENT_LABELS, TOPIC_LABELS, UtilityKind, infer_kind, normalize_label, parse_answer
 from tunesec.evals.tasks import MetricSpec, Record, Task, base_record, check_lengths
 from tunesec.judges.base import Judge
 from tunesec.models.types import Generation, Prompt
@@ -49,8 +49,14 @@ class UtilityTask(Task):
     and counted in ``unparsed_rate``. A prompt that does not already state the answer format gets a short
     instruction (see ``_INSTRUCTIONS``). Defaults: SST-2 validation, 16 new tokens (256 for GSM8K).
 
+    ``scoring="choices"`` (SST-2 and AG News) asks the model for its most likely label instead of parsing a
+    generated answer, as lm-eval scores classification: it measures what a small chat model knows when it does
+    not follow the answer format (SmolLM2-135M describes AG News articles instead of naming a class: 81% of its
+    generated answers name none). It needs a local model (token log-probabilities), not an API endpoint.
+
     Args:
         kind: ``auto`` (per example) or one of ``sentiment``, ``topic``, ``math``.
+        scoring: ``generate`` (parse the answer) or ``choices`` (the most likely label).
     """
 
     name = "utility"
@@ -59,12 +65,33 @@ class UtilityTask(Task):
     max_new_tokens = 16
     primary_metric = "accuracy"
 
-    def __init__(self, kind: Literal["auto", "sentiment", "topic", "math"] = "auto") -> None:
+    def __init__(
+        self,
+        kind: Literal["auto", "sentiment", "topic", "math"] = "auto",
+        scoring: Literal["generate", "choices"] = "generate",
+    ) -> None:
+        if kind not in ("auto", "sentiment", "topic", "math"):
+            raise UsageError(f"utility task: kind {kind!r}: expected auto, sentiment, topic or math")
+        if scoring not in ("generate", "choices"):
+            raise UsageError(f"utility task: scoring {scoring!r}: expected generate or choices")
         self.kind = kind
+        self.scoring = scoring
 
     def spec(self) -> dict[str, Any]:
-        """Name and sub-task option."""
-        return {"name": self.name, "kind": self.kind}
+        """Name, sub-task and scoring options."""
+        return {"name": self.name, "kind": self.kind, "scoring": self.scoring}
+
+    def choices(self, examples: Sequence[Example]) -> list[list[str]] | None:
+        """With ``scoring="choices"``: the class labels of each example's sub-task (SST-2, AG News only)."""
+        if self.scoring == "generate":
+            return None
+        out: list[list[str]] = []
+        for ex in examples:
+            kind = self.kind_of(ex)
+            if kind == "math":
+                raise UsageError(f"example {ex.id}: scoring=choices needs a label task (sst2, agnews), not gsm8k")
+            out.append(list(SENTIMENT_LABELS if kind == "sentiment" else TOPIC_LABELS))
+        return out
 
     def kind_of(self, example: Example) -> UtilityKind:
         """The sub-task of one example."""
@@ -112,6 +139,8 @@ class UtilityTask(Task):
                 raise UsageError(f"example {ex.id}: label: {err}") from None
             answer = parse_answer(kind, g.text)
             rec = base_record(ex, p, g)
+            if g.choice_logprobs is not None:
+                rec["choice_logprobs"] = g.choice_logprobs
             rec.update(
                 {
                     "kind": kind,

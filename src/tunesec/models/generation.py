@@ -111,6 +111,96 @@ class HFGenerator:
         return [r for r in results if r is not None]
 
     # -- internals ------------------------------------------------------------------------------------------
+    def choose(
+        self,
+        prompts: Sequence[Prompt],
+        choices: Sequence[Sequence[str]],
+        config: GenerationConfig | None = None,
+        *,
+        progress: bool = True,
+    ) -> list[Generation]:
+        """Pick each prompt's most likely answer among its ``choices`` instead of generating one.
+
+        Each choice is scored as the start of the assistant's answer: the sum of its tokens' log-probabilities
+        after the chat-formatted prompt, divided by its length in bytes (lm-eval's ``acc_norm``, so that a
+        many-token label such as "Sci/Tech" is not penalised for its length). The returned generation's text is
+        the chosen answer and ``choice_logprobs`` holds every choice's summed log-probability.
+
+        One forward pass per prompt and per extra many-token choice: single-token choices are all read off the
+        prompt's last position, a many-token choice gets its own row (prompt + its tokens but the last), and
+        logits are computed only at the positions that score a token.
+        """
+        import torch
+
+        cfg = config or GenerationConfig()
+        if len(choices) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
+        encoded = self.encode(prompts, cfg)
+        # rows: (prompt index, tokens appended to the prompt, [(choice index, choice token ids)] scored on it)
+        rows: list[tuple[int, list[int], list[tuple[int, list[int]]]]] = []
+        for i, options in enumerate(choices):
+            if not options:
+                raise ValueError(f"prompt {i}: no choices")
+            toks = [list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in options]
+            for text, ids in zip(options, toks, strict=True):
+                if not ids:
+                    raise ValueError(f"prompt {i}: choice {text!r} has no tokens")
+            singles = [(j, ids) for j, ids in enumerate(toks) if len(ids) == 1]
+            multi = [(j, ids) for j, ids in enumerate(toks) if len(ids) > 1]
+            if not multi:
+                rows.append((i, [], singles))
+            for k, (j, ids) in enumerate(multi):
+                rows.append((i, ids[:-1], [(j, ids)] + (singles if k == 0 else [])))
+        rows.sort(key=lambda r: len(encoded[r[0]]) + len(r[1]), reverse=True)
+        batch_size = self._batch_size(cfg.model_copy(update={"max_new_tokens": 1}), max(len(e) for e in encoded))
+        logprob: dict[tuple[int, int], float] = {}
+        device = next(self.model.parameters()).device
+        started = time.perf_counter()
+        with make_progress(enabled=progress) as bar:
+            task = bar.add_task(f"score choices {escape(self.name)}", total=len(rows), info="")
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                seqs = [encoded[i] + extra for i, extra, _ in batch]
+                width = max(len(q) for q in seqs)
+                input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                for r, q in enumerate(seqs):  # right-padded: each row's positions start at 0
+                    input_ids[r, : len(q)] = torch.tensor(q)
+                    mask[r, : len(q)] = 1
+                # the token at position n + k is predicted by the logits at n - 1 + k
+                wanted = sorted({len(encoded[i]) - 1 + k for i, extra, _ in batch for k in range(len(extra) + 1)})
+                column = {pos: c for c, pos in enumerate(wanted)}
+                with torch.inference_mode():
+                    logits = self.model(
+                        input_ids=input_ids.to(device),
+                        attention_mask=mask.to(device),
+                        logits_to_keep=torch.tensor(wanted, device=device),
+                    ).logits
+                for r, (i, _, scored) in enumerate(batch):
+                    n = len(encoded[i])
+                    for j, ids in scored:
+                        cols = [column[n - 1 + k] for k in range(len(ids))]
+                        logp = torch.log_softmax(logits[r, cols].float(), dim=-1)
+                        picked = logp.gather(-1, torch.tensor(ids, device=logp.device)[:, None])
+                        logprob[(i, j)] = float(picked.sum())
+                bar.update(task, advance=len(batch))
+        share = (time.perf_counter() - started) / max(1, len(prompts))
+        out: list[Generation] = []
+        for i, options in enumerate(choices):
+            norm = [logprob[(i, j)] / len(text.encode("utf-8")) for j, text in enumerate(options)]
+            best = max(range(len(options)), key=lambda j: norm[j])
+            out.append(
+                Generation(
+                    text=options[best],
+                    prompt_tokens=len(encoded[i]),
+                    completion_tokens=0,
+                    finish_reason="stop",
+                    seconds=share,
+                    choice_logprobs={text: round(logprob[(i, j)], 6) for j, text in enumerate(options)},
+                )
+            )
+        return out
+
     def _batch_size(self, cfg: GenerationConfig, max_prompt_len: int) -> int:
         if cfg.batch_size != "auto":
             return int(cfg.batch_size)

@@ -39,6 +39,9 @@ class Generation(Config):
     completion_tokens: int = 0
     finish_reason: Literal["stop", "length", "error"] = "stop"
     seconds: float = 0.0
+    choice_logprobs: dict[str, float] | None = Field(
+        None, description="With choice scoring: each choice's summed token log-probability after the prompt."
+    )
 
 
 @runtime_checkable
