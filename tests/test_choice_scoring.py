@@ -125,3 +125,5 @@ def test_utility_choices_needs_log_probabilities_and_label_tasks(tmp_path: Path)
     with pytest.raises(UsageError, match="scoring 'logits'"):
         UtilityTask(scoring="logits")  # type: ignore[arg-type]
     assert UtilityTask().choices(_sst2(1)) is None
+    # the default scoring leaves the spec as it was, so runs made before the option existed still resume
+    assert UtilityTask().spec() == {"name": "utility", "kind": "auto"}

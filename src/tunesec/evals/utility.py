@@ -78,8 +78,11 @@ class UtilityTask(Task):
         self.scoring = scoring
 
     def spec(self) -> dict[str, Any]:
-        """Name, sub-task and scoring options."""
-        return {"name": self.name, "kind": self.kind, "scoring": self.scoring}
+        """Name, sub-task and scoring options (``scoring`` only when not the default, so earlier runs resume)."""
+        spec: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.scoring != "generate":
+            spec["scoring"] = self.scoring
+        return spec
 
     def choices(self, examples: Sequence[Example]) -> list[list[str]] | None:
         """With ``scoring="choices"``: the class labels of each example's sub-task (SST-2, AG News only)."""
