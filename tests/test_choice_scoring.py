@@ -127,3 +127,24 @@ def test_utility_choices_needs_log_probabilities_and_label_tasks(tmp_path: Path)
     assert UtilityTask().choices(_sst2(1)) is None
     # the default scoring leaves the spec as it was, so runs made before the option existed still resume
     assert UtilityTask().spec() == {"name": "utility", "kind": "auto"}
+
+
+def test_choose_without_logits_to_keep() -> None:
+    """A model whose forward has no ``logits_to_keep`` is scored from its full logits, with the same result."""
+    engine = _engine()
+    expected = engine.choose(PROMPTS, CHOICES, progress=False)
+
+    class NoKeep(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    engine.model = NoKeep(engine.model)
+    got = engine.choose(PROMPTS, CHOICES, progress=False)
+    for a, b in zip(expected, got, strict=True):
+        assert a.text == b.text
+        assert a.choice_logprobs == pytest.approx(b.choice_logprobs, abs=1e-4)

@@ -170,12 +170,15 @@ class HFGenerator:
                 # the token at position n + k is predicted by the logits at n - 1 + k
                 wanted = sorted({len(encoded[i]) - 1 + k for i, extra, _ in batch for k in range(len(extra) + 1)})
                 column = {pos: c for c, pos in enumerate(wanted)}
+                inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+                keep = torch.tensor(wanted, device=device)
                 with torch.inference_mode():
-                    logits = self.model(
-                        input_ids=input_ids.to(device),
-                        attention_mask=mask.to(device),
-                        logits_to_keep=torch.tensor(wanted, device=device),
-                    ).logits
+                    try:
+                        logits = self.model(**inputs, logits_to_keep=keep).logits
+                    except TypeError as err:  # an architecture whose forward has no logits_to_keep
+                        if "logits_to_keep" not in str(err):
+                            raise
+                        logits = self.model(**inputs).logits[:, keep]
                 for r, (i, _, scored) in enumerate(batch):
                     n = len(encoded[i])
                     for j, ids in scored:
