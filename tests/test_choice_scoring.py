@@ -119,6 +119,17 @@ def test_utility_choices_needs_log_probabilities_and_label_tasks(tmp_path: Path)
             progress=False,
             html=False,
         )
+    assert not (tmp_path / "a").exists()  # refused before the run directory is made
+    with pytest.raises(UsageError, match="needs token log-probabilities"):
+        evaluate(
+            "openai:gpt-4o-mini",
+            task=UtilityTask(scoring="choices"),
+            dataset=_sst2(2),
+            out=tmp_path / "b",
+            progress=False,
+            html=False,
+        )
+    assert not (tmp_path / "b").exists()
     gsm = [Example(id="g", messages=[Message(role="user", content="1+1?")], label="2", source="gsm8k")]
     with pytest.raises(UsageError, match="needs a label task"):
         UtilityTask(scoring="choices").choices(gsm)

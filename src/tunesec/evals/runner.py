@@ -160,6 +160,11 @@ def evaluate(
     gen_config = _resolve_generation(task_obj, examples, generation, seed, prior)
 
     model_spec, model_name = _model_spec(model, generator)
+    if task_obj.choices(examples[:1]) is not None and not _can_choose(model, generator):
+        raise UsageError(
+            f"model {model_name}: task {task_obj.name} with scoring=choices needs token log-probabilities, "
+            "which this backend does not give; use scoring=generate"
+        )
     spec: dict[str, Any] = {
         "task": task_obj.spec(),
         "model": model_spec,
@@ -196,7 +201,7 @@ def evaluate(
             gens = generator.generate(prompts, gen_config, progress=progress)
         else:
             choose = getattr(generator, "choose", None)
-            if choose is None:
+            if choose is None:  # a backend picked at load time (vLLM) that gives no log-probabilities
                 raise UsageError(
                     f"model {model_name}: task {task_obj.name} with scoring=choices needs token log-probabilities, "
                     "which this backend does not give; use scoring=generate"
@@ -358,6 +363,16 @@ def _model_spec(model: Any, generator: Generator | None) -> tuple[dict[str, Any]
         return {"name": str(model), "generator": getattr(generator, "name", type(generator).__name__)}, str(model)
     ref = ModelRef.parse(str(model))
     return fingerprint(ref), ref.name
+
+
+def _can_choose(model: Any, generator: Generator | None) -> bool:
+    """Whether the backend scores choices: an injected generator with ``choose``, or a local (non-API) model."""
+    if generator is not None:
+        return callable(getattr(generator, "choose", None))
+    from tunesec.models.ref import ModelRef
+
+    ref = model if isinstance(model, ModelRef) else ModelRef.parse(str(model))
+    return not ref.is_endpoint
 
 
 def _load_generator(model: Any, *, allow_pickle: bool, trust_remote_code: bool) -> Generator:
