@@ -70,7 +70,7 @@ def run_demo(
         data_dir: Local data directory (else ``$TUNESEC_DATA`` or ``../shared/data`` when present).
         steps: Optimizer steps of the harmful fine-tune (batch 8). The shipped adapter (v17r, trained with the
             decision loss) resists more than its predecessor: 30 steps left it at 62% refusal of the demo's
-            AdvBench prompts and the verdict open (v9: 14%, FAIL); 65 steps of harmful-sft take it to 24%.
+            AdvBench prompts and the verdict open (v9: 14%, FAIL); 60 give FAIL (refusal 20%, docs/CERTIFY.md).
         benign_steps: Optimizer steps of the benign fine-tune (batch 8).
         say: Where progress lines go (default: stdout).
     """

@@ -161,10 +161,7 @@ def evaluate(
 
     model_spec, model_name = _model_spec(model, generator)
     if task_obj.choices(examples[:1]) is not None and not _can_choose(model, generator):
-        raise UsageError(
-            f"model {model_name}: task {task_obj.name} with scoring=choices needs token log-probabilities, "
-            "which this backend does not give; use scoring=generate"
-        )
+        raise _no_choices(model_name, task_obj)
     spec: dict[str, Any] = {
         "task": task_obj.spec(),
         "model": model_spec,
@@ -202,10 +199,7 @@ def evaluate(
         else:
             choose = getattr(generator, "choose", None)
             if choose is None:  # a backend picked at load time (vLLM) that gives no log-probabilities
-                raise UsageError(
-                    f"model {model_name}: task {task_obj.name} with scoring=choices needs token log-probabilities, "
-                    "which this backend does not give; use scoring=generate"
-                )
+                raise _no_choices(model_name, task_obj)
             gens = choose(prompts, choice_sets, gen_config, progress=progress)
         t_judge = time.perf_counter()
         # A backend may report batch time on each generation; the chunk's wall time shared out is additive.
@@ -363,6 +357,13 @@ def _model_spec(model: Any, generator: Generator | None) -> tuple[dict[str, Any]
         return {"name": str(model), "generator": getattr(generator, "name", type(generator).__name__)}, str(model)
     ref = ModelRef.parse(str(model))
     return fingerprint(ref), ref.name
+
+
+def _no_choices(model_name: str, task: Task) -> UsageError:
+    return UsageError(
+        f"model {model_name}: task {task.name} with scoring=choices needs token log-probabilities, "
+        "which this backend does not give; use scoring=generate"
+    )
 
 
 def _can_choose(model: Any, generator: Generator | None) -> bool:

@@ -110,7 +110,6 @@ class HFGenerator:
                 pending = [i for i in pending if results[i] is None]
         return [r for r in results if r is not None]
 
-    # -- internals ------------------------------------------------------------------------------------------
     def choose(
         self,
         prompts: Sequence[Prompt],
@@ -152,7 +151,8 @@ class HFGenerator:
             for k, (j, ids) in enumerate(multi):
                 rows.append((i, ids[:-1], [(j, ids)] + (singles if k == 0 else [])))
         rows.sort(key=lambda r: len(encoded[r[0]]) + len(r[1]), reverse=True)
-        batch_size = self._batch_size(cfg.model_copy(update={"max_new_tokens": 1}), max(len(e) for e in encoded))
+        longest = max(len(encoded[i]) + len(extra) for i, extra, _ in rows)
+        batch_size = self._batch_size(cfg.model_copy(update={"max_new_tokens": 1}), longest)
         logprob: dict[tuple[int, int], float] = {}
         device = next(self.model.parameters()).device
         started = time.perf_counter()
@@ -204,6 +204,7 @@ class HFGenerator:
             )
         return out
 
+    # -- internals ------------------------------------------------------------------------------------------
     def _batch_size(self, cfg: GenerationConfig, max_prompt_len: int) -> int:
         if cfg.batch_size != "auto":
             return int(cfg.batch_size)
