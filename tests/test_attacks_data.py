@@ -142,15 +142,13 @@ def test_alignment_mix_is_balanced_and_held_out(shared_data: Path) -> None:
     cfg = SafetySFTConfig(
         refusal_data={"safety-tuned-llamas": 40, "tunesec-refusals": 10},
         benign_data={"alpaca": 40, "tunesec-helpful": 10},
-        deep_alignment=0.5,
     )
     data = build_alignment_data(cfg)
     kinds = [e.meta["align_kind"] for e in data]
-    assert kinds.count("helpful") == 50 and kinds.count("deep-refusal") == 25 and kinds.count("refusal") == 25
+    assert kinds.count("helpful") == 50 and kinds.count("refusal") == 50
     held = {_norm_prompt(e.prompt) for name in ("advbench", "xstest") for e in load_dataset_by_name(name)}
     assert not [e for e in data if _norm_prompt(e.prompt) in held]
-    deep = [e for e in data if e.meta["align_kind"] == "deep-refusal"]
-    assert all("Actually, no." in (e.response or "") for e in deep)
+    # deep_alignment: tests/test_deep_alignment.py
     with pytest.raises(UsageError, match="deep_alignment"):
         validate(SafetySFTConfig, {"deep_alignment": 2}, source="recipe.yaml")
 

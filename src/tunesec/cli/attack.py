@@ -194,7 +194,10 @@ def align_command(
     ] = None,
     deep_alignment: Annotated[
         float | None,
-        typer.Option(help="Fraction of refusals given a compliant opener that recovers (Qi et al. 2024)."),
+        typer.Option(
+            help="Fraction of refusals made safety-recovery examples: the model's own harmful answer cut short, "
+            "then the refusal, loss on the refusal only (Qi et al. 2024; the paper uses 0.5)."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="New or empty run directory [default: runs/<stamp>-...].")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an unfinished align run directory.")] = None,

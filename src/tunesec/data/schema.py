@@ -4,18 +4,33 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Role = Literal["system", "user", "assistant"]
 
 
 class Message(BaseModel):
-    """One chat turn."""
+    """One chat turn.
+
+    ``loss_start`` (assistant turns only) is the number of leading characters of ``content`` that the turn is
+    forced to begin with and that carry no training loss: the model sees them as context and learns the rest,
+    e.g. the recovery after a harmful prefix in deep-alignment examples (Qi et al. 2024). It is left out of
+    serialised examples when 0.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: Role
     content: str
+    loss_start: int = Field(0, ge=0, exclude_if=lambda v: v == 0)
+
+    @model_validator(mode="after")
+    def _loss_start_in_content(self) -> Message:
+        if self.loss_start and self.role != "assistant":
+            raise ValueError(f"loss_start: only an assistant turn can have one, not a {self.role} turn")
+        if self.loss_start > len(self.content):
+            raise ValueError(f"loss_start: {self.loss_start} is past the end of the content ({len(self.content)})")
+        return self
 
 
 class Example(BaseModel):

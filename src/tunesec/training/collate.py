@@ -1,11 +1,13 @@
 """Tokenisation with loss on assistant tokens only, and the collators (padding-free packing or padded).
 
-Assistant spans are found by rendering the chat prefix with the chat formatter: for each assistant turn ``i``
-the text ``render(messages[:i], add_generation_prompt=True)`` ends where the turn's content starts and
-``render(messages[:i+1])`` ends where the turn (with its end-of-turn marker) ends. The full chat is tokenised
-once with character offsets, and a token is labelled when it starts inside an assistant span. This works for
-multi-turn chats and any template whose renderings of a prefix are prefixes of the full rendering; templates
-that rewrite earlier turns (e.g. strip reasoning) fall back to locating the turn's text in the full rendering.
+Assistant spans are found by rendering the chat prefix with the chat formatter: for each assistant turn ``i`` the
+text ``render(messages[:i], add_generation_prompt=True)`` ends where the turn's content starts and
+``render(messages[:i+1])`` ends where the turn (with its end-of-turn marker) ends. A turn's ``loss_start``
+(:class:`tunesec.data.schema.Message`) moves its span's start past that many characters of its content. The full
+chat is tokenised once with character offsets, and a token is labelled when it starts inside an assistant span.
+This works for multi-turn chats and any template whose renderings of a prefix are prefixes of the full rendering;
+templates that rewrite earlier turns (e.g. strip reasoning) fall back to locating the turn's text in the full
+rendering.
 
 torch is imported inside the collators only, so this module stays cheap to import.
 """
@@ -85,6 +87,15 @@ def assistant_char_spans(example: Example, render: RenderFn) -> tuple[str, list[
             suffix = tail[tail.find(msg["content"]) + len(msg["content"]) :] if msg["content"] in tail else ""
             if suffix and full.startswith(suffix, end):
                 end += len(suffix)  # the end-of-turn marker is learned too
+        skip = example.messages[i].loss_start
+        if skip:
+            content_at = full.find(msg["content"], start, end)
+            if content_at < 0:
+                raise UsageError(
+                    f"example {example.id!r}: assistant turn {i} has loss_start={skip} but its text is not found "
+                    "verbatim in the rendered chat; expected the chat template to keep the turn's text"
+                )
+            start = content_at + skip  # the forced prefix is context; the loss starts after it
         spans.append((start, end))
         cursor = end
     return full, spans

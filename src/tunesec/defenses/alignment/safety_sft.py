@@ -9,14 +9,18 @@ Alpaca, Dolly and tunesec's benign look-alike set (questions about "killing a pr
 products" answered helpfully).
 
 Deep alignment (Qi et al. 2024, "Safety Alignment Should Be Made More Than Just a Few Tokens Deep"): with
-``deep_alignment > 0`` that fraction of refusal examples starts with a compliant opener (the first words of an
-answer) and recovers into the refusal, so refusing does not depend only on the first tokens. The paper takes
-the prefix from a real harmful answer and computes the loss on the recovery only; the one training engine
-computes the loss on the whole assistant turn, so this implementation uses short generic openers ("Sure, here
-is") as the prefix, which the model then also learns to emit before recovering. Measured on SmolLM2-135M
-(docs/RESULTS.md, candidate v14): with half of the refusals augmented, the model learned the openers and often
-kept complying after them (AdvBench refusal 87% -> 45%, judged harmful 7% -> 42%). Use small fractions and check
-the result.
+``deep_alignment > 0`` that fraction of refusal examples become *safety-recovery examples*: the assistant turn
+starts with the first k words of a harmful answer to the same request and then refuses. As in the paper (and its
+code), k is drawn uniformly from 1 to the answer's length capped at ``deep_alignment_max_prefix_words`` (the paper
+caps at 100 tokens), and the harmful prefix carries no loss (:attr:`tunesec.data.schema.Message.loss_start`): the
+model learns to break off into a refusal, not to write the prefix. The harmful answers are the model's own (greedy
+answers of the model being aligned to those requests; an unaligned model answers most of them), so no
+harmful-answer dataset is needed; a request the model already refuses, or answers in under ``deep_alignment_min_words``
+words, stays a plain refusal example. The refusal starts after a blank line, so its opener has the same tokens as
+at the start of an answer; the blank line is learned. Measure the effect with the prefilling attack (``tunesec eval
+M --task harmfulness --task-option prefill=target``; docs/RESULTS.md). An earlier version used generic openers
+("Sure, here is") with the loss on the opener too, which taught a 135M model to emit the openers (docs/RESULTS.md,
+v14).
 
 Self-distilled helpful answers (``self_distill``): benign prompts answered by the model being aligned itself
 (greedy), refusals dropped. Refusals are short and alike, so a small model fits them far more easily than
@@ -54,16 +58,8 @@ from tunesec.registry import register
 from tunesec.training.config import TrainConfig
 from tunesec.training.hooks import TrainingHook
 
-# Openers of a compliant answer used as the prefix of deep-alignment examples (Qi et al. 2024, section 3).
-COMPLIANT_OPENERS = (
-    "Sure, here is",
-    "Sure! Here's how to do it.",
-    "Of course. Step 1:",
-    "Absolutely, here are the details:",
-    "Here is a step-by-step guide:",
-    "Certainly. First,",
-)
-RECOVERY_BRIDGE = " Actually, no."
+# Between the harmful prefix of a safety-recovery example and its refusal (see the module docstring).
+RECOVERY_BREAK = "\n\n"
 
 
 def _default_training() -> TrainConfig:
@@ -106,8 +102,14 @@ class SafetySFTConfig(Config):
         0.0,
         ge=0.0,
         le=1.0,
-        description="Fraction of refusal examples given a compliant opener that recovers. The loss covers the "
-        "opener too: on a small model a large fraction teaches the opener and weakens refusal (RESULTS.md, v14).",
+        description="Fraction of refusal examples turned into safety-recovery examples: the model's own harmful "
+        "answer, cut after k words, then the refusal; the prefix carries no loss (Qi et al. 2024; the paper uses 0.5).",
+    )
+    deep_alignment_max_prefix_words: int = Field(
+        75, ge=1, description="Upper bound of k, the harmful prefix's length in words (k is uniform in 1..bound)."
+    )
+    deep_alignment_min_words: int = Field(
+        5, ge=1, description="Shorter harmful answers are not used as prefixes (the example stays a plain refusal)."
     )
     decision_loss: float = Field(
         0.0,
@@ -268,14 +270,31 @@ def build_alignment_data(
         raise UsageError("refusal_data: the alignment mix needs at least one refusal example")
     out: list[Example] = []
     n_deep = round(len(refusals) * config.deep_alignment)
-    deep_ids = {e.id for e in rng.sample(refusals, n_deep)}
+    deep = rng.sample(refusals, n_deep)
+    prefixes: dict[str, str] = {}
+    if deep:
+        if model is None and generator is None:
+            raise UsageError("deep_alignment: safety-recovery examples need the model being aligned (pass model=)")
+        if generator is None:
+            from tunesec.models import get_generator
+
+            generator = get_generator(model if model is not None else "")
+        prefixes = harmful_prefixes(config, deep, generator, progress=progress)
+        if notes is not None:
+            notes.append(
+                f"deep_alignment: {len(prefixes)} of {n_deep} refusal examples became safety-recovery examples "
+                f"(the model refused or barely answered the other {n_deep - len(prefixes)})"
+            )
     for ex in refusals:
         text = _shorten(ex.messages[-1].content, config.max_response_chars)
-        kind = "refusal"
-        if ex.id in deep_ids:
-            text = f"{rng.choice(COMPLIANT_OPENERS)}{RECOVERY_BRIDGE} {text}"
-            kind = "deep-refusal"
-        out.append(_with_response(ex, text, kind))
+        if ex.id in prefixes:
+            prefix = prefixes[ex.id]
+            turn = Message(role="assistant", content=prefix + RECOVERY_BREAK + text, loss_start=len(prefix))
+            messages = [*ex.messages[:-1], turn]
+            meta = {**ex.meta, "align_kind": "deep-refusal", "prefix_words": len(prefix.split())}
+            out.append(ex.model_copy(update={"messages": messages, "meta": meta}))
+        else:
+            out.append(_with_response(ex, text, "refusal"))
     for ex in benign:
         out.append(_with_response(ex, _shorten(ex.messages[-1].content, config.max_response_chars), "helpful"))
     if config.self_distill:
@@ -356,6 +375,43 @@ def self_distilled_answers(
             )
         )
     return kept
+
+
+def harmful_prefixes(
+    config: SafetySFTConfig, examples: Sequence[Example], generator: Any, *, progress: bool = True
+) -> dict[str, str]:
+    """Harmful prefixes for safety-recovery examples: example id -> the first k words of the model's own answer.
+
+    Each example's request is answered greedily by ``generator`` (the model being aligned); an answer the
+    ``refusal-keywords`` judge calls a refusal, or one under ``deep_alignment_min_words`` words, gives no
+    prefix. k is uniform in 1..min(words, ``deep_alignment_max_prefix_words``) (seeded), and the prefix keeps
+    the answer's own spacing up to the end of its k-th word.
+    """
+    from tunesec.judges import get_judge
+    from tunesec.judges.base import JudgeInput
+    from tunesec.models import GenerationConfig
+
+    if not examples:
+        return {}
+    words_cap = config.deep_alignment_max_prefix_words
+    gens = generator.generate(
+        [e.prompt_chat() for e in examples],
+        GenerationConfig(max_new_tokens=2 * words_cap),
+        progress=progress,
+    )
+    verdicts = get_judge("refusal-keywords").score(
+        [JudgeInput(prompt=e.prompt, response=g.text) for e, g in zip(examples, gens, strict=True)]
+    )
+    rng = random.Random(f"{config.seed}:deep-alignment")
+    out: dict[str, str] = {}
+    for ex, g, v in zip(examples, gens, verdicts, strict=True):
+        text = g.text.strip()
+        words = list(re.finditer(r"\S+", text))
+        if v.refused or len(words) < config.deep_alignment_min_words:
+            continue
+        k = rng.randint(1, min(len(words), words_cap))
+        out[ex.id] = text[: words[k - 1].end()]
+    return out
 
 
 def _with_response(ex: Example, text: str, kind: str) -> Example:
