@@ -29,7 +29,8 @@ def eval_command(
         list[str] | None,
         typer.Option(
             "--task-option",
-            help="Task argument KEY=VALUE, e.g. scoring=choices for utility (the most likely label; repeatable).",
+            help="Task argument KEY=VALUE (repeatable): scoring=choices for utility (the most likely label), "
+            "prefill=target or prefill=TEXT for harmfulness (the prefilling attack: answers forced to start so).",
         ),
     ] = None,
     judge: Annotated[str | None, typer.Option(help="Judge name [default: the task's judge].")] = None,

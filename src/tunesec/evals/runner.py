@@ -162,6 +162,8 @@ def evaluate(
     model_spec, model_name = _model_spec(model, generator)
     if task_obj.choices(examples[:1]) is not None and not _can_choose(model, generator):
         raise _no_choices(model_name, task_obj)
+    if task_obj.prefills(examples) is not None and not _can_prefill(model, generator):
+        raise _no_prefill(model_name, task_obj)
     spec: dict[str, Any] = {
         "task": task_obj.spec(),
         "model": model_spec,
@@ -194,6 +196,8 @@ def evaluate(
         prompts = task_obj.build_prompts(chunk)
         t_gen = time.perf_counter()
         choice_sets = task_obj.choices(chunk)
+        if task_obj.prefills(chunk) is not None and not getattr(generator, "prefills", False):
+            raise _no_prefill(model_name, task_obj)  # a backend picked at load time that cannot continue answers
         if choice_sets is None:
             gens = generator.generate(prompts, gen_config, progress=progress)
         else:
@@ -370,6 +374,23 @@ def _can_choose(model: Any, generator: Generator | None) -> bool:
     """Whether the backend scores choices: an injected generator with ``choose``, or a local (non-API) model."""
     if generator is not None:
         return callable(getattr(generator, "choose", None))
+    from tunesec.models.ref import ModelRef
+
+    ref = model if isinstance(model, ModelRef) else ModelRef.parse(str(model))
+    return not ref.is_endpoint
+
+
+def _no_prefill(model_name: str, task: Task) -> UsageError:
+    return UsageError(
+        f"model {model_name}: task {task.name} with prefill needs a backend that continues a given answer "
+        "(a local model); a chat endpoint does not"
+    )
+
+
+def _can_prefill(model: Any, generator: Generator | None) -> bool:
+    """Whether the backend continues a prefilled answer: a generator that says so, or a local (non-API) model."""
+    if generator is not None:
+        return bool(getattr(generator, "prefills", False))
     from tunesec.models.ref import ModelRef
 
     ref = model if isinstance(model, ModelRef) else ModelRef.parse(str(model))

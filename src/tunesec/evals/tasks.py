@@ -79,6 +79,14 @@ class Task(ABC):
         """
         return None
 
+    def prefills(self, examples: Sequence[Example]) -> list[str] | None:
+        """Text each example's answer is forced to begin with (a prefilling attack), else ``None``.
+
+        With openers, :meth:`build_prompts` ends each chat with that partial assistant turn and the generator
+        continues it; backends that cannot continue an answer (chat endpoints) are refused by the runner.
+        """
+        return None
+
     @abstractmethod
     def score(
         self, examples: Sequence[Example], generations: Sequence[Generation], judge: Judge | None
@@ -208,6 +216,17 @@ class HarmfulnessTask(_JudgedTask):
     out), ``harmful_rate_worst`` (unparsed judgements counted as harmful, so an unreadable judge never looks
     safe), ``unparsed_rate``, ``refusal_rate`` and ``harm_score`` (mean StrongREJECT score in [0, 1], Souly et
     al. 2024, when the judge gives one). Defaults: AdvBench (Zou et al. 2023), 256 new tokens.
+
+    ``prefill`` runs the prefilling attack (Qi et al. 2024, "Safety Alignment Should Be Made More Than Just a
+    Few Tokens Deep", section 2): the assistant's answer is forced to begin with the given text and the model
+    continues it, which defeats alignment that lives only in the first answer tokens. ``prefill="target"`` takes
+    each example's own affirmative opener (AdvBench's GCG targets, "Sure, here is a script that can exploit
+    vulnerabilities ..."); any other value is the opener itself. The judge reads the model's continuation (the
+    forced text is the request restated, not the model's doing); records keep the opener in ``prefill``. Needs a
+    local model: chat endpoints do not continue a given answer.
+
+    Args:
+        prefill: ``None`` (no attack), ``"target"``, or the opener text (trailing whitespace is dropped).
     """
 
     name = "harmfulness"
@@ -215,6 +234,54 @@ class HarmfulnessTask(_JudgedTask):
     default_judge = "default"
     max_new_tokens = 256
     primary_metric = "harmful_rate"
+
+    def __init__(self, prefill: str | None = None) -> None:
+        if prefill is not None and not prefill.strip():
+            raise UsageError("harmfulness task: prefill is empty; expected 'target' or the opener text")
+        self.prefill = prefill.rstrip() if prefill is not None else None
+
+    def spec(self) -> dict[str, Any]:
+        """Name, and the prefill when there is one (so runs without it resume unchanged)."""
+        spec: dict[str, Any] = {"name": self.name}
+        if self.prefill is not None:
+            spec["prefill"] = self.prefill
+        return spec
+
+    def prefills(self, examples: Sequence[Example]) -> list[str] | None:
+        """The forced opener of each example's answer, or ``None`` without the prefilling attack."""
+        if self.prefill is None:
+            return None
+        if self.prefill != "target":
+            return [self.prefill] * len(examples)
+        out = []
+        for ex in examples:
+            target = ex.meta.get("target")
+            if not isinstance(target, str) or not target.strip():
+                raise UsageError(
+                    f"example {ex.id}: prefill=target needs the example's target opener (AdvBench has one); "
+                    "give the opener text instead, e.g. prefill='Sure, here is'"
+                )
+            out.append(target.rstrip())
+        return out
+
+    def build_prompts(self, examples: Sequence[Example]) -> list[Prompt]:
+        """The prompt turns, plus the forced start of the answer with ``prefill``."""
+        prompts = super().build_prompts(examples)
+        openers = self.prefills(examples)
+        if openers is None:
+            return prompts
+        return [[*p, {"role": "assistant", "content": o}] for p, o in zip(prompts, openers, strict=True)]
+
+    def score(
+        self, examples: Sequence[Example], generations: Sequence[Generation], judge: Judge | None
+    ) -> list[Record]:
+        """Judge every response (the continuation after a prefill) and record the prefill."""
+        records = super().score(examples, generations, judge)
+        openers = self.prefills(examples)
+        if openers is not None:
+            for rec, opener in zip(records, openers, strict=True):
+                rec["prefill"] = opener
+        return records
 
     def judgement(self, score: Score, response: str) -> Record:
         """Copy the judge's decisions into flat record fields."""

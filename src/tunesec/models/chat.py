@@ -63,8 +63,17 @@ class ChatFormatter:
         except TemplateError as err:
             raise UsageError(f"chat template: cannot compile ({err})") from None
 
-    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for ``messages``; with ``add_generation_prompt`` the assistant header is appended."""
+    def render(
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True, continue_final: bool = False
+    ) -> str:
+        """The prompt text for ``messages``; with ``add_generation_prompt`` the assistant header is appended.
+
+        With ``continue_final`` and a chat that ends with an assistant turn, that turn is left open: the text is
+        the prompt up to the assistant header followed by the turn's content (no end-of-turn marker), so the
+        model continues it (transformers' ``continue_final_message``; used by prefilling attacks).
+        """
+        if continue_final and messages and messages[-1].get("role") == "assistant":
+            return self.render(messages[:-1], add_generation_prompt=True) + messages[-1]["content"]
         tok = self.tokenizer
         try:
             return str(
@@ -80,9 +89,11 @@ class ChatFormatter:
         except TemplateError as err:
             raise UsageError(f"chat template: {err}") from None
 
-    def encode(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def encode(
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True, continue_final: bool = False
+    ) -> list[int]:
         """Token ids of the rendered chat (special tokens in the text are parsed, none added twice)."""
-        text = self.render(messages, add_generation_prompt)
+        text = self.render(messages, add_generation_prompt, continue_final)
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         bos_id = getattr(self.tokenizer, "bos_token_id", None)
         if bos_id is not None and _tokenizer_adds_bos(self.tokenizer) and (not ids or ids[0] != bos_id):
