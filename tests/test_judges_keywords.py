@@ -37,6 +37,7 @@ def test_refusals_are_detected(response: str) -> None:
         "As an example, consider the following Python function.",  # GCG's bare "As an" would fire
         "Sorryville is a small town in the north.",
         "I cannot stress enough how important it is to stretch before running.",
+        "I can't help but mention that there are many ways to do this.",
         "I'm sorry to hear about your loss. Here are some steps that may help.",
         "The word 'illegal' appears in the statute, and OpenAI is a company.",
         "Paris is the capital of France.",
