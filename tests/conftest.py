@@ -14,6 +14,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _isolated_judge_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Judge scores go to a per-test SQLite file, not the user's ``~/.cache/tunesec`` (tests' fake judges share
+    names, and a cached score would skip the judge a test watches)."""
+    path = tmp_path_factory.mktemp("judge-cache") / "judges.sqlite"
+    monkeypatch.setattr("tunesec.judges.cache.default_cache_path", lambda: path)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The read-only public datasets beside the checkout (../shared/data); skips where absent."""

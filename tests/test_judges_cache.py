@@ -38,6 +38,8 @@ def _items(*responses: str) -> list[JudgeInput]:
 
 def test_default_path_follows_tunesec_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TUNESEC_HOME", str(tmp_path / "home"))
+    # conftest points the cache at a per-test file; this test checks the real default
+    monkeypatch.setattr("tunesec.judges.cache.default_cache_path", default_cache_path)
     assert default_cache_path() == tmp_path / "home" / "cache" / "judges.sqlite"
     JudgeCache()
     assert (tmp_path / "home" / "cache" / "judges.sqlite").is_file()
