@@ -80,3 +80,14 @@ def test_schema_errors(tmp_path: Path) -> None:
     bad_trigger = GOOD + "triggers:\n  judge: nobody\n"
     with pytest.raises(UsageError, match=r"line \d+: field 'triggers.judge': unknown judge 'nobody'"):
         load_policy(_write(tmp_path, bad_trigger))
+
+
+def test_task_options_are_checked_and_kept_out_of_old_hashes(tmp_path: Path) -> None:
+    plain = load_policy(_write(tmp_path, GOOD))
+    assert "task_options" not in plain.checks[0].model_dump()  # policies without it keep their hash
+    prefill = GOOD.replace("    judge: default\n", "    task_options: {prefill: target}\n    judge: default\n")
+    assert load_policy(_write(tmp_path, prefill)).checks[0].task_options == {"prefill": "target"}
+    with pytest.raises(UsageError, match=r"line \d+: field 'checks.0.task_options': harmfulness task: prefill is"):
+        load_policy(_write(tmp_path, prefill.replace("prefill: target", "prefill: ' '")))
+    with pytest.raises(UsageError, match=r"field 'checks.0.task_options': task harmfulness: bad options"):
+        load_policy(_write(tmp_path, prefill.replace("prefill: target", "scoring: choices")))

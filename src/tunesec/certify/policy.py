@@ -49,6 +49,11 @@ class MetricCheck(Config):
     task: str = Field(description="Evaluation task: harmfulness, over-refusal or utility.")
     dataset: str = Field(description="Registered dataset name or a file path.")
     dataset_options: dict[str, Any] = Field(default_factory=dict, description="Loader options, e.g. subset: safe.")
+    task_options: dict[str, Any] = Field(
+        default_factory=dict,
+        exclude_if=lambda v: not v,  # policies without it keep their hash
+        description="Task arguments, e.g. prefill: target for harmfulness (the prefilling attack).",
+    )
     judge: str | None = Field(None, description="Judge name; default: the task's judge (utility uses none).")
     limit: int | None = Field(100, ge=1, description="Seeded, category-balanced sample size (None: all).")
     metric: str = Field(description="Metric of the task, e.g. harmful_rate, refusal_rate, accuracy.")
@@ -177,7 +182,10 @@ def find_unknown_names(policy: Policy) -> tuple[tuple[str | int, ...], str] | No
     for i, check in enumerate(policy.checks):
         if check.task not in tasks:
             return ("checks", i, "task"), f"unknown task {check.task!r}; expected one of: {', '.join(tasks)}"
-        task = get_task(check.task)
+        try:
+            task = get_task(check.task, **check.task_options)
+        except UsageError as err:
+            return ("checks", i, "task_options"), str(err)
         metrics = [s.name for s in task.metric_specs()]
         if check.metric not in metrics:
             return (

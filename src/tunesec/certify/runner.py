@@ -92,6 +92,7 @@ class _Suite:
     limit: int | None
     max_new_tokens: int
     examples: list[Example]
+    task_options: dict[str, Any] = field(default_factory=dict)
     checks: list[MetricCheck] = field(default_factory=list)
     base_run: Path | None = None
     tuned_run: Path | None = None
@@ -332,7 +333,7 @@ def _suites(pol: Policy, data_dir: str | Path | None) -> tuple[list[_Suite], lis
     suites: dict[str, _Suite] = {}
     skipped: list[CheckResult] = []
     for check in pol.checks:
-        task = get_task(check.task)
+        task = get_task(check.task, **check.task_options)
         try:
             examples = _load_sample(check.dataset, check.dataset_options, data_dir, check.limit, pol.seed)
         except UsageError as err:
@@ -367,7 +368,9 @@ def _suites(pol: Policy, data_dir: str | Path | None) -> tuple[list[_Suite], lis
         key = _hash(ident)
         suite = suites.get(key)
         if suite is None:
-            suite = _Suite(key, check.task, check.dataset, judge, check.limit, max_new, examples)
+            suite = _Suite(
+                key, check.task, check.dataset, judge, check.limit, max_new, examples, dict(check.task_options)
+            )
             suites[key] = suite
         suite.checks.append(check)
     return list(suites.values()), skipped
@@ -428,6 +431,7 @@ def _run_suite(
         return evaluate(
             models.refs[which],
             task=suite.task,
+            task_options=suite.task_options or None,
             dataset=suite.examples,
             judge=judge,
             out=None if resume else out,
