@@ -14,12 +14,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(scope="session")
+def _judge_cache_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("judge-cache") / "judges.sqlite"
+
+
 @pytest.fixture(autouse=True)
-def _isolated_judge_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Judge scores go to a per-test SQLite file, not the user's ``~/.cache/tunesec`` (tests' fake judges share
-    names, and a cached score would skip the judge a test watches)."""
-    path = tmp_path_factory.mktemp("judge-cache") / "judges.sqlite"
-    monkeypatch.setattr("tunesec.judges.cache.default_cache_path", lambda: path)
+def _isolated_judge_cache(_judge_cache_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Judge scores go to one SQLite file per test session, not the user's ``~/.cache/tunesec``: a test run
+    starts from an empty cache (as on a fresh machine) and leaves the user's cache alone."""
+    monkeypatch.setattr("tunesec.judges.cache.default_cache_path", lambda: _judge_cache_path)
 
 
 @pytest.fixture

@@ -162,8 +162,10 @@ def evaluate(
     model_spec, model_name = _model_spec(model, generator)
     if task_obj.choices(examples[:1]) is not None and not _can_choose(model, generator):
         raise _no_choices(model_name, task_obj)
-    if task_obj.prefills(examples) is not None and not _can_prefill(model, generator):
-        raise _no_prefill(model_name, task_obj)
+    if task_obj.prefills(examples) is not None:
+        if not _can_prefill(model, generator):
+            raise _no_prefill(model_name, task_obj)
+        gen_config = gen_config.model_copy(update={"continue_final_message": True})
     spec: dict[str, Any] = {
         "task": task_obj.spec(),
         "model": model_spec,

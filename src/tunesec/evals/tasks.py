@@ -82,8 +82,9 @@ class Task(ABC):
     def prefills(self, examples: Sequence[Example]) -> list[str] | None:
         """Text each example's answer is forced to begin with (a prefilling attack), else ``None``.
 
-        With openers, :meth:`build_prompts` ends each chat with that partial assistant turn and the generator
-        continues it; backends that cannot continue an answer (chat endpoints) are refused by the runner.
+        With openers, :meth:`build_prompts` ends each chat with that partial assistant turn and the runner asks
+        the generator to continue it (``GenerationConfig.continue_final_message``); backends that cannot continue
+        an answer (chat endpoints) are refused.
         """
         return None
 

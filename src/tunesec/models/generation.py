@@ -70,12 +70,13 @@ class HFGenerator:
         self.cache_kwarg = _cache_kwarg(self.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
 
-    # A chat that ends with an assistant turn is continued from that turn's text (a prefilled answer).
+    # Continues a chat's final assistant turn with ``GenerationConfig(continue_final_message=True)``.
     prefills = True
 
     def encode(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[list[int]]:
-        """Token ids of each prompt rendered with the chat template (a final assistant turn is left open)."""
-        return [self.formatter.encode(as_chat(p, config.system_prompt), continue_final=True) for p in prompts]
+        """Token ids of each prompt rendered with the chat template (see ``continue_final_message``)."""
+        cont = config.continue_final_message
+        return [self.formatter.encode(as_chat(p, config.system_prompt), continue_final=cont) for p in prompts]
 
     def generate(
         self, prompts: Sequence[Prompt], config: GenerationConfig | None = None, *, progress: bool = True
@@ -666,7 +667,8 @@ class VLLMGenerator:
             top_k=cfg.top_k if (cfg.do_sample and cfg.top_k > 0) else -1,
             seed=cfg.seed,
         )
-        texts = [self.formatter.render(as_chat(p, cfg.system_prompt), continue_final=True) for p in prompts]
+        cont = cfg.continue_final_message
+        texts = [self.formatter.render(as_chat(p, cfg.system_prompt), continue_final=cont) for p in prompts]
         t0 = time.perf_counter()
         outs = self.llm.generate(texts, params, use_tqdm=progress)
         elapsed = time.perf_counter() - t0

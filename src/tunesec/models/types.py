@@ -29,6 +29,12 @@ class GenerationConfig(Config):
     )
     batch_size: int | Literal["auto"] = Field("auto", description="Prompts per batch, or 'auto' (fit memory).")
     system_prompt: str | None = Field(None, description="System prompt prepended when a chat has none.")
+    continue_final_message: bool = Field(
+        False,
+        exclude_if=lambda v: not v,  # left out of run specs when off, so earlier runs resume unchanged
+        description="A chat that ends with an assistant turn is continued from that turn's text (a prefilled "
+        "answer) instead of being answered after it (as a guard model answers a whole conversation).",
+    )
 
 
 class Generation(Config):
