@@ -40,6 +40,27 @@ def test_openai_chat_jsonl() -> None:
     assert all(e.source == "chat" for e in exs)
 
 
+def test_openai_chat_weight_keeps_turns_out_of_the_loss(tmp_path: Path) -> None:
+    chat = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "draft", "weight": 0},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "final", "weight": 1},
+        ]
+    }
+    path = tmp_path / "w.jsonl"
+    path.write_text(json.dumps(chat) + "\n")
+    (ex,) = load_examples(path)
+    assert [m.weight for m in ex.messages] == [1, 0, 1, 1]
+    for bad, where in ((2, 1), (0, 0)):
+        chat["messages"][where]["weight"] = bad
+        path.write_text(json.dumps(chat) + "\n")
+        with pytest.raises(UsageError, match=rf"line 1: message {where} has weight {bad}; expected 0 or 1 on an"):
+            load_examples(path)
+        chat["messages"][where].pop("weight")
+
+
 def test_sharegpt_conversations_json() -> None:
     exs = load_examples(FIX / "sharegpt.json")
     assert exs[0].chat() == [

@@ -57,6 +57,22 @@ def test_multi_turn_labels_every_assistant_turn_and_no_user_turn() -> None:
     assert enc.labels[positions[0]] == IGNORE_INDEX and enc.labels[positions[1]] == hello
 
 
+def test_an_assistant_turn_of_weight_zero_is_not_learned() -> None:
+    tok = make_tokenizer()
+    ex = Example(
+        id="w",
+        messages=[
+            Message(role="user", content="say hello"),
+            Message(role="assistant", content="hello world", weight=0),
+            Message(role="user", content="count to three"),
+            Message(role="assistant", content="one two three"),
+        ],
+    )
+    enc = encode_example(ex, tok, chat_renderer(tok), max_seq_len=512)
+    assert _labelled_text(tok, enc) == ["one", "two", "three", "<|im_end|>"]
+    assert ex.model_dump()["messages"][3] == {"role": "assistant", "content": "one two three"}  # default not dumped
+
+
 def test_truncation_and_dropping_examples_without_labels() -> None:
     tok = make_tokenizer()
     render = chat_renderer(tok)

@@ -151,7 +151,10 @@ def _chat_messages(data: Mapping[str, Any], name: str, where: str) -> list[Messa
             raise UsageError(f"{name} {where}: message {j} has role {role!r}; expected system, user or assistant")
         if not isinstance(content, str):
             raise UsageError(f"{name} {where}: message {j} has no text 'content'")
-        messages.append(Message(role=role, content=content))
+        weight = m.get("weight", 1)
+        if weight not in (0, 1) or isinstance(weight, bool) or (weight == 0 and role != "assistant"):
+            raise UsageError(f"{name} {where}: message {j} has weight {weight!r}; expected 0 or 1 on an assistant turn")
+        messages.append(Message(role=role, content=content, weight=int(weight)))
     if not any(m.role == "user" for m in messages):
         raise UsageError(f"{name} {where}: chat has no user turn; expected at least one message with role 'user'")
     return messages

@@ -14,8 +14,9 @@ class Message(BaseModel):
 
     ``loss_start`` (assistant turns only) is the number of leading characters of ``content`` that the turn is
     forced to begin with and that carry no training loss: the model sees them as context and learns the rest,
-    e.g. the recovery after a harmful prefix in deep-alignment examples (Qi et al. 2024). It is left out of
-    serialised examples when 0.
+    e.g. the recovery after a harmful prefix in deep-alignment examples (Qi et al. 2024). ``weight`` 0
+    (assistant turns only; OpenAI's fine-tuning format) keeps the whole turn out of the loss, e.g. an earlier
+    turn of a multi-turn chat. Both are left out of serialised examples at their defaults.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -23,11 +24,14 @@ class Message(BaseModel):
     role: Role
     content: str
     loss_start: int = Field(0, ge=0, exclude_if=lambda v: v == 0)
+    weight: Literal[0, 1] = Field(1, exclude_if=lambda v: v == 1)
 
     @model_validator(mode="after")
     def _loss_start_in_content(self) -> Message:
         if self.loss_start and self.role != "assistant":
             raise ValueError(f"loss_start: only an assistant turn can have one, not a {self.role} turn")
+        if self.weight != 1 and self.role != "assistant":
+            raise ValueError(f"weight: only an assistant turn can have one, not a {self.role} turn")
         if self.loss_start > len(self.content):
             raise ValueError(f"loss_start: {self.loss_start} is past the end of the content ({len(self.content)})")
         return self

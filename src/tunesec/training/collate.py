@@ -3,11 +3,11 @@
 Assistant spans are found by rendering the chat prefix with the chat formatter: for each assistant turn ``i`` the
 text ``render(messages[:i], add_generation_prompt=True)`` ends where the turn's content starts and
 ``render(messages[:i+1])`` ends where the turn (with its end-of-turn marker) ends. A turn's ``loss_start``
-(:class:`tunesec.data.schema.Message`) moves its span's start past that many characters of its content. The full
-chat is tokenised once with character offsets, and a token is labelled when it starts inside an assistant span.
-This works for multi-turn chats and any template whose renderings of a prefix are prefixes of the full rendering;
-templates that rewrite earlier turns (e.g. strip reasoning) fall back to locating the turn's text in the full
-rendering.
+(:class:`tunesec.data.schema.Message`) moves its span's start past that many characters of its content (a turn of
+``weight`` 0 gets no span). The full chat is tokenised once with character offsets, and a token is labelled when it
+starts inside an assistant span. This works for multi-turn chats and any template whose renderings of a prefix are
+prefixes of the full rendering; templates that rewrite earlier turns (e.g. strip reasoning) fall back to locating
+the turn's text in the full rendering.
 
 torch is imported inside the collators only, so this module stays cheap to import.
 """
@@ -87,6 +87,9 @@ def assistant_char_spans(example: Example, render: RenderFn) -> tuple[str, list[
             suffix = tail[tail.find(msg["content"]) + len(msg["content"]) :] if msg["content"] in tail else ""
             if suffix and full.startswith(suffix, end):
                 end += len(suffix)  # the end-of-turn marker is learned too
+        if example.messages[i].weight == 0:
+            cursor = end
+            continue  # not learned (OpenAI's weight 0)
         skip = example.messages[i].loss_start
         if skip:
             content_at = full.find(msg["content"], start, end)
