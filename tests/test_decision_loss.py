@@ -74,6 +74,32 @@ def test_whole_opener_loss_scores_refusals_on_their_opener_and_skips_ambiguous_t
     assert hook.extra_loss(None, {"labels": labels[2:]}, SimpleNamespace(logits=logits[6:])) is None
 
 
+def test_a_refusal_after_a_paragraph_break_is_a_refusal_turn() -> None:
+    from tiny import make_tokenizer  # byte-level BPE: a paragraph break is a token of its own
+
+    tok = make_tokenizer()
+    hook = RefusalDecisionLoss(openers=["sorry no"])
+    hook.setup(SimpleNamespace(tokenizer=tok, device="cpu"))
+    opener = tuple(tok("sorry no", add_special_tokens=False)["input_ids"])
+    broken = tuple(tok("\n\nsorry no", add_special_tokens=False)["input_ids"])
+    assert len(broken) > len(opener) and broken[-len(opener) :] == opener
+    assert set(hook.sequences) == {opener, broken}
+    assert hook.ids.tolist() == [opener[0]]  # the break token is no refusal first token
+    # A recovery turn (break, then opener) is scored on the break and the whole opener.
+    ids = [*broken, 9]
+    labels = torch.tensor([[IGN, *ids]])
+    logits = torch.randn(
+        len(ids), tok.vocab_size if hasattr(tok, "vocab_size") else 50, generator=torch.Generator().manual_seed(2)
+    )
+    loss = hook.extra_loss(None, {"labels": labels}, SimpleNamespace(logits=logits))
+    lp = logits.log_softmax(-1)
+    assert float(loss) == pytest.approx(-float(sum(lp[i, t] for i, t in enumerate(broken))), rel=1e-5)
+    # A turn that only starts with a break is an answer: its refusal first-token mass is pushed down.
+    labels = torch.tensor([[IGN, broken[0], 9, 9]])
+    loss = hook.extra_loss(None, {"labels": labels}, SimpleNamespace(logits=logits[:3]))
+    assert float(loss) == pytest.approx(-math.log(1 - float(lp[0, opener[0]].exp())), rel=1e-5)
+
+
 def _refusal_logodds(result, tok, prompts: list[str], refuse_id: int) -> float:
     from tunesec.models.chat import ChatFormatter
 

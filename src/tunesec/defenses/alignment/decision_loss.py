@@ -74,6 +74,9 @@ class RefusalDecisionLoss(TrainingHook):
         refusal_weight: Weight of the refusal turns' terms relative to the answers' (a positive-class weight):
             above 1 the learned decision leans towards refusing, below 1 towards answering.
         whole_opener: Score a refusal turn on its whole opener (default) rather than on its first token.
+        breaks: Leading text after which an opener still makes the turn a refusal, scored with it: a
+            safety-recovery turn of deep alignment (:mod:`tunesec.defenses.alignment.safety_sft`) starts with a
+            paragraph break after its loss-free harmful prefix, and the break is what decides to refuse there.
     """
 
     name = "refusal-decision-loss"
@@ -84,6 +87,7 @@ class RefusalDecisionLoss(TrainingHook):
         openers: Sequence[str] | None = None,
         refusal_weight: float = 1.0,
         whole_opener: bool = True,
+        breaks: Sequence[str] = ("\n\n",),
     ) -> None:
         if weight < 0 or refusal_weight <= 0:
             raise ValueError(
@@ -93,6 +97,7 @@ class RefusalDecisionLoss(TrainingHook):
         self.refusal_weight = refusal_weight
         self.whole_opener = whole_opener
         self.openers = tuple(openers) if openers is not None else None
+        self.breaks = tuple(breaks)
         self.ids: Any = None
         self.sequences: list[tuple[int, ...]] = []
 
@@ -102,11 +107,19 @@ class RefusalDecisionLoss(TrainingHook):
 
         from tunesec.models.directions import REFUSAL_OPENERS
 
-        seqs = {tuple(ctx.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in self.openers or REFUSAL_OPENERS}
-        self.sequences = sorted((s for s in seqs if s), key=len, reverse=True)  # longest match first
-        if not self.sequences:
+        def encode(text: str) -> tuple[int, ...]:
+            return tuple(ctx.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        openers = [encode(t) for t in self.openers or REFUSAL_OPENERS]
+        if not any(openers):
             raise ValueError("decision loss: no refusal opener encodes to a token")
-        first = sorted({s[0] for s in self.sequences})
+        # After a break the opener's tokens are the break's then the opener's own (checked, not assumed).
+        after_break = [encode(b + t) for b in self.breaks for t in self.openers or REFUSAL_OPENERS]
+        seqs = {s for s in openers if s} | {s for s in after_break if s and s[0] not in {o[0] for o in openers if o}}
+        self.sequences = sorted(seqs, key=len, reverse=True)  # longest match first
+        # Only the openers' own first tokens are "refusal" first tokens; a turn opening with a break and no
+        # opener after it is an ordinary answer.
+        first = sorted({s[0] for s in openers if s})
         self.ids = torch.tensor(first, dtype=torch.long, device=ctx.device)
 
     def _opener_length(self, tokens: list[int]) -> int:
