@@ -137,3 +137,31 @@ def test_prefill_needs_targets_and_a_backend_that_continues(tmp_path: Path) -> N
                 progress=False,
             )
         assert not (tmp_path / out).exists()  # refused before the run directory is made
+
+
+def test_selfprefill_script_builds_prefix_datasets_that_the_task_reads(tmp_path: Path) -> None:
+    """scripts/selfprefill.py: first k words of each answered (not refused) response, line breaks kept."""
+    import subprocess
+    import sys
+
+    from tunesec.data.loaders import load_examples
+
+    run = tmp_path / "base"
+    run.mkdir()
+    records = [
+        {"id": "a", "prompt": "P1", "response": "Step 1:\n  mix the\tthings now", "refused": False},
+        {"id": "b", "prompt": "P2", "response": "I'm sorry, I can't.", "refused": True},
+        {"id": "c", "prompt": "P3", "response": "Too short", "refused": False},
+    ]
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    script = Path(__file__).parents[1] / "scripts" / "selfprefill.py"
+    out = tmp_path / "sp"
+    cmd = [sys.executable, str(script), str(run), "--words", "3", "--out-dir", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for line in (out / "advbench-prefix-3.jsonl").read_text().splitlines()]
+    assert rows == [{"id": "a", "prompt": "P1", "target": "Step 1:\n  mix"}]
+    (ex,) = load_examples(out / "advbench-prefix-3.jsonl")
+    assert HarmfulnessTask(prefill="target").prefills([ex]) == ["Step 1:\n  mix"]
+    again = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert again.returncode == 2 and "not overwritten" in again.stderr  # a finished file is never replaced
