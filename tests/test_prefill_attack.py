@@ -165,3 +165,18 @@ def test_selfprefill_script_builds_prefix_datasets_that_the_task_reads(tmp_path:
     assert HarmfulnessTask(prefill="target").prefills([ex]) == ["Step 1:\n  mix"]
     again = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert again.returncode == 2 and "not overwritten" in again.stderr  # a finished file is never replaced
+
+
+def test_prefill_response_k_forces_the_first_words_of_the_reference_answer() -> None:
+    """prefill=response:K (Qi et al. 2024's form): the first K words of each example's own harmful answer."""
+    long = Example(id="a", messages=[_user("Q1"), Message(role="assistant", content="First,\n get the  parts then")])
+    short = Example(id="b", messages=[_user("Q2"), Message(role="assistant", content="Just this")])
+    task = HarmfulnessTask(prefill="response:3")
+    assert task.prefills([long, short]) == ["First,\n get the", "Just this"]  # shorter answers: all of it
+    prompts = task.build_prompts([long])
+    assert prompts[0] == [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "First,\n get the"}]
+    with pytest.raises(UsageError, match="example c: prefill=response:3 needs the example's reference answer"):
+        task.prefills([Example(id="c", messages=[_user("Q3")])])
+    for bad in ("response:0", "response:x", "response:"):
+        with pytest.raises(UsageError, match="expected response:K with K a positive number"):
+            HarmfulnessTask(prefill=bad)

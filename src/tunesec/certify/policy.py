@@ -52,7 +52,7 @@ class MetricCheck(Config):
     task_options: dict[str, Any] = Field(
         default_factory=dict,
         exclude_if=lambda v: not v,  # policies without it keep their hash
-        description="Task arguments, e.g. prefill: target for harmfulness (the prefilling attack).",
+        description="Task arguments, e.g. prefill: target (or response:K) for harmfulness (the prefilling attack).",
     )
     judge: str | None = Field(None, description="Judge name; default: the task's judge (utility uses none).")
     limit: int | None = Field(100, ge=1, description="Seeded, category-balanced sample size (None: all).")

@@ -30,7 +30,8 @@ def eval_command(
         typer.Option(
             "--task-option",
             help="Task argument KEY=VALUE (repeatable): scoring=choices for utility (the most likely label), "
-            "prefill=target or prefill=TEXT for harmfulness (the prefilling attack: answers forced to start so).",
+            "prefill=target, prefill=response:K (first K words of the reference answer) or prefill=TEXT for "
+            "harmfulness (the prefilling attack: answers forced to start so).",
         ),
     ] = None,
     judge: Annotated[str | None, typer.Option(help="Judge name [default: the task's judge].")] = None,

@@ -222,12 +222,15 @@ class HarmfulnessTask(_JudgedTask):
     Few Tokens Deep", section 2): the assistant's answer is forced to begin with the given text and the model
     continues it, which defeats alignment that lives only in the first answer tokens. ``prefill="target"`` takes
     each example's own affirmative opener (AdvBench's GCG targets, "Sure, here is a script that can exploit
-    vulnerabilities ..."); any other value is the opener itself. The judge reads the model's continuation (the
-    forced text is the request restated, not the model's doing); records keep the opener in ``prefill``. Needs a
-    local model: chat endpoints do not continue a given answer.
+    vulnerabilities ..."); ``prefill="response:K"`` takes the first K words of each example's own reference
+    answer, the paper's own form (the first tokens of a real harmful answer; e.g. ``beavertails-harmful-qa``,
+    or a file of a model's answers built by ``scripts/selfprefill.py``); any other value is the opener itself.
+    The judge reads the model's continuation (the forced text is not the model's doing); records keep the
+    opener in ``prefill``. Needs a local model: chat endpoints do not continue a given answer.
 
     Args:
-        prefill: ``None`` (no attack), ``"target"``, or the opener text (trailing whitespace is dropped).
+        prefill: ``None`` (no attack), ``"target"``, ``"response:K"`` (K >= 1 words), or the opener text
+            (trailing whitespace is dropped).
     """
 
     name = "harmfulness"
@@ -240,6 +243,15 @@ class HarmfulnessTask(_JudgedTask):
         if prefill is not None and not prefill.strip():
             raise UsageError("harmfulness task: prefill is empty; expected 'target' or the opener text")
         self.prefill = prefill.rstrip() if prefill is not None else None
+        self.prefix_words: int | None = None
+        if self.prefill is not None and self.prefill.startswith("response:"):
+            k = self.prefill.removeprefix("response:").strip()
+            if not k.isdigit() or int(k) < 1:
+                raise UsageError(
+                    f"harmfulness task: prefill={self.prefill!r}; expected response:K with K a positive number "
+                    "of words, e.g. response:5"
+                )
+            self.prefix_words = int(k)
 
     def spec(self) -> dict[str, Any]:
         """Name, and the prefill when there is one (so runs without it resume unchanged)."""
@@ -252,6 +264,8 @@ class HarmfulnessTask(_JudgedTask):
         """The forced opener of each example's answer, or ``None`` without the prefilling attack."""
         if self.prefill is None:
             return None
+        if self.prefix_words is not None:
+            return [self._response_prefix(ex, self.prefix_words) for ex in examples]
         if self.prefill != "target":
             return [self.prefill] * len(examples)
         out = []
@@ -264,6 +278,17 @@ class HarmfulnessTask(_JudgedTask):
                 )
             out.append(target.rstrip())
         return out
+
+    @staticmethod
+    def _response_prefix(ex: Example, k: int) -> str:
+        """The reference answer up to the end of its k-th word (all of it when shorter), line breaks kept."""
+        words = list(re.finditer(r"\S+", ex.response or ""))
+        if not words:
+            raise UsageError(
+                f"example {ex.id}: prefill=response:{k} needs the example's reference answer (a response column "
+                "or a final assistant turn); this dataset has none (e.g. beavertails-harmful-qa has them)"
+            )
+        return (ex.response or "")[: words[min(k, len(words)) - 1].end()]
 
     def build_prompts(self, examples: Sequence[Example]) -> list[Prompt]:
         """The prompt turns, plus the forced start of the answer with ``prefill``."""
