@@ -85,6 +85,7 @@ def test_a_refusal_after_a_paragraph_break_is_a_refusal_turn() -> None:
     assert len(broken) > len(opener) and broken[-len(opener) :] == opener
     assert set(hook.sequences) == {opener, broken}
     assert hook.ids.tolist() == [opener[0]]  # the break token is no refusal first token
+    assert hook.break_ids == [broken[0]]  # ... but what the continuation term keeps down in answers
     # A recovery turn (break, then opener) is scored on the break and the whole opener.
     ids = [*broken, 9]
     labels = torch.tensor([[IGN, *ids]])
@@ -98,6 +99,28 @@ def test_a_refusal_after_a_paragraph_break_is_a_refusal_turn() -> None:
     labels = torch.tensor([[IGN, broken[0], 9, 9]])
     loss = hook.extra_loss(None, {"labels": labels}, SimpleNamespace(logits=logits[:3]))
     assert float(loss) == pytest.approx(-math.log(1 - float(lp[0, opener[0]].exp())), rel=1e-5)
+
+
+def test_the_continuation_term_pushes_the_break_down_inside_answers_only() -> None:
+    """continue_weight: answers' tokens (not breaks themselves) add log(1 - P(break)); refusals add nothing."""
+    hook = RefusalDecisionLoss(weight=0.0, continue_weight=0.5)
+    hook.sequences = [(1, 4), (8, 1, 4)]  # opener "1 4", and the same after a break token 8
+    hook.ids = torch.tensor([1])
+    hook.break_ids = [8]
+    labels = torch.tensor(
+        [
+            [IGN, 3, 5, 8, 6],  # an answer with a real break (target 8 at row 2): rows 0, 1, 3 are scored
+            [IGN, 1, 4, 6, 6],  # a refusal: no continuation term
+        ]
+    )
+    logits = torch.randn(8, 9, generator=torch.Generator().manual_seed(3))
+    loss = hook.extra_loss(None, {"labels": labels}, SimpleNamespace(logits=logits))
+    p_break = logits.softmax(-1)[:, 8]
+    expected = -0.5 * sum(math.log(1 - float(p_break[r])) for r in (0, 1, 3))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert hook.extra_loss(None, {"labels": labels[1:]}, SimpleNamespace(logits=logits[4:])) is None
+    with pytest.raises(ValueError, match="continue_weight must be >= 0"):
+        RefusalDecisionLoss(continue_weight=-1.0)
 
 
 def _refusal_logodds(result, tok, prompts: list[str], refuse_id: int) -> float:

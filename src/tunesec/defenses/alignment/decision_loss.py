@@ -77,6 +77,11 @@ class RefusalDecisionLoss(TrainingHook):
         breaks: Leading text after which an opener still makes the turn a refusal, scored with it: a
             safety-recovery turn of deep alignment (:mod:`tunesec.defenses.alignment.safety_sft`) starts with a
             paragraph break after its loss-free harmful prefix, and the break is what decides to refuse there.
+        continue_weight: Weight of the contrast to those recovery turns: in every answer turn, at each token
+            whose target is not a break's first token, ``log(1 - P(break's first token))``, summed over the
+            turn (positions where the model keeps P low add almost nothing, so the term acts where it is tempted
+            to break off), averaged over answer turns. Without it, recovery examples cut mid-sentence teach the
+            model to break off benign answers mid-sentence and refuse (measured: candidate v23, docs/RESULTS.md).
     """
 
     name = "refusal-decision-loss"
@@ -88,17 +93,21 @@ class RefusalDecisionLoss(TrainingHook):
         refusal_weight: float = 1.0,
         whole_opener: bool = True,
         breaks: Sequence[str] = ("\n\n",),
+        continue_weight: float = 0.0,
     ) -> None:
-        if weight < 0 or refusal_weight <= 0:
+        if weight < 0 or refusal_weight <= 0 or continue_weight < 0:
             raise ValueError(
-                f"decision loss: weight must be >= 0 and refusal_weight > 0, got {weight}, {refusal_weight}"
+                "decision loss: weight and continue_weight must be >= 0 and refusal_weight > 0, got "
+                f"{weight}, {continue_weight}, {refusal_weight}"
             )
         self.weight = weight
         self.refusal_weight = refusal_weight
         self.whole_opener = whole_opener
         self.openers = tuple(openers) if openers is not None else None
         self.breaks = tuple(breaks)
+        self.continue_weight = continue_weight
         self.ids: Any = None
+        self.break_ids: list[int] = []
         self.sequences: list[tuple[int, ...]] = []
 
     def setup(self, ctx: HookContext) -> None:
@@ -115,8 +124,11 @@ class RefusalDecisionLoss(TrainingHook):
             raise ValueError("decision loss: no refusal opener encodes to a token")
         # After a break the opener's tokens are the break's then the opener's own (checked, not assumed).
         after_break = [encode(b + t) for b in self.breaks for t in self.openers or REFUSAL_OPENERS]
-        seqs = {s for s in openers if s} | {s for s in after_break if s and s[0] not in {o[0] for o in openers if o}}
+        opener_first = {o[0] for o in openers if o}
+        seqs = {s for s in openers if s} | {s for s in after_break if s and s[0] not in opener_first}
         self.sequences = sorted(seqs, key=len, reverse=True)  # longest match first
+        # The tokens a recovery turn starts with ("\n" for SmolLM2, where "\n\n" before a word is two "\n").
+        self.break_ids = sorted({s[0] for s in after_break if s and s[0] not in opener_first})
         # Only the openers' own first tokens are "refusal" first tokens; a turn opening with a break and no
         # opener after it is an ordinary answer.
         first = sorted({s[0] for s in openers if s})
@@ -134,7 +146,7 @@ class RefusalDecisionLoss(TrainingHook):
         import torch
 
         index, first = turn_starts(inputs["labels"])
-        if index.numel() == 0 or self.weight == 0:
+        if index.numel() == 0 or (self.weight == 0 and self.continue_weight == 0):
             return None
         targets = inputs["labels"][:, 1:]
         flat = targets[targets != IGNORE_INDEX].tolist()  # the logits rows' target tokens, in order
@@ -144,6 +156,7 @@ class RefusalDecisionLoss(TrainingHook):
         starts = index.tolist()
         ends = [*starts[1:], len(flat)]  # a turn's rows run up to the next turn's first row
         terms: list[torch.Tensor] = []
+        keep_going: list[torch.Tensor] = []  # answers' continuation terms (continue_weight)
         for row, end, tok in zip(starts, ends, first.tolist(), strict=True):
             head = logits[row].float()
             n = self._opener_length(flat[row:end]) if self.whole_opener else 0
@@ -152,6 +165,8 @@ class RefusalDecisionLoss(TrainingHook):
                 want = torch.tensor(flat[row : row + n], device=rows.device)
                 terms.append(self.refusal_weight * rows.gather(1, want[:, None]).sum())
                 continue
+            if self.continue_weight > 0 and self.break_ids and tok not in first_ids:
+                keep_going.append(self._continuation_term(logits, flat, row, end))
             log_p = torch.logsumexp(head[ids], dim=-1) - torch.logsumexp(head, dim=-1)
             if tok in first_ids:
                 if self.whole_opener:
@@ -159,6 +174,19 @@ class RefusalDecisionLoss(TrainingHook):
                 terms.append(self.refusal_weight * log_p)
             else:  # an answer: push the refusal openers' first-token mass down
                 terms.append(torch.log1p(-log_p.exp().clamp(max=1 - 1e-6)))
-        if not terms:
-            return None
-        return -self.weight * torch.stack(terms).mean()
+        loss = -self.weight * torch.stack(terms).mean() if terms and self.weight > 0 else None
+        if keep_going:
+            extra = -self.continue_weight * torch.stack(keep_going).mean()
+            loss = extra if loss is None else loss + extra
+        return loss
+
+    def _continuation_term(self, logits: torch.Tensor, flat: list[int], row: int, end: int) -> torch.Tensor:
+        """Sum of ``log(1 - P(break))`` over an answer turn's rows whose target is not a break token."""
+        import torch
+
+        breaks = torch.tensor(self.break_ids, device=logits.device)
+        targets = torch.tensor(flat[row:end], device=logits.device)
+        rows = logits[row:end].float()
+        log_p = torch.logsumexp(rows[:, breaks], dim=-1) - torch.logsumexp(rows, dim=-1)
+        keep = ~torch.isin(targets, breaks)
+        return torch.log1p(-log_p[keep].exp().clamp(max=1 - 1e-6)).sum()

@@ -122,6 +122,12 @@ class SafetySFTConfig(Config):
         gt=0.0,
         description="Weight of refusals relative to answers in the decision loss; above 1 leans towards refusing.",
     )
+    decision_continue_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="With deep_alignment: weight of a term that keeps benign answers from breaking off into a "
+        "refusal (log(1 - P(break)) at each answer token, tunesec.defenses.alignment.decision_loss); 0 = off.",
+    )
     decision_whole_opener: bool = Field(
         True,
         description="Score a refusal on its whole opener ('I'm sorry'), not only its first token ('I'), in the "
@@ -478,6 +484,7 @@ class SafetySFT:
                     self.config.decision_loss,
                     refusal_weight=self.config.decision_refusal_weight,
                     whole_opener=self.config.decision_whole_opener,
+                    continue_weight=self.config.decision_continue_weight,
                 )
             )
         return finetune_with_provenance(
