@@ -199,3 +199,13 @@ def test_self_distilled_answers_drop_refusals_and_stubs(tmp_path: Path) -> None:
     assert all(e.meta["align_kind"] == "helpful" and e.source.startswith("self-distilled:") for e in distilled)
     with pytest.raises(UsageError, match="self_distill: self-distilled answers need the model"):
         build_alignment_data(cfg)
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_in_the_repository_is_a_valid_alignment_recipe(recipe: Path) -> None:
+    import yaml
+
+    from tunesec.defenses.alignment import SafetySFTConfig
+
+    cfg = validate(SafetySFTConfig, yaml.safe_load(recipe.read_text()), source=str(recipe))
+    assert cfg.training.max_steps > 0

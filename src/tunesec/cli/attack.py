@@ -216,6 +216,12 @@ def align_command(
         overrides.append(f"deep_alignment={deep_alignment}")
     cfg = _load_config(SafetySFTConfig, recipe, overrides)
     assert isinstance(cfg, SafetySFTConfig)
+    if cfg.deep_alignment > 0 and cfg.decision_loss > 0 and cfg.decision_continue_weight == 0:
+        console.print(
+            "[yellow]warning:[/] deep_alignment with decision_loss and no decision_continue_weight teaches the model "
+            "to break off benign answers into refusals (docs/RESULTS.md, v23: 63% XSTest-safe refusal); "
+            "recipes/align-smollm2-deep.yaml sets 0.1"
+        )
     spec = {"defense": "safety-sft", "model": model, "config": cfg.model_dump(mode="json")}
     run = _open_run("align", f"align-{Path(model).name}", spec, out, resume)
     with _discard_on_bad_input(run):
