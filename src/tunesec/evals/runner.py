@@ -372,14 +372,19 @@ def _no_choices(model_name: str, task: Task) -> UsageError:
     )
 
 
-def _can_choose(model: Any, generator: Generator | None) -> bool:
-    """Whether the backend scores choices: an injected generator with ``choose``, or a local (non-API) model."""
-    if generator is not None:
-        return callable(getattr(generator, "choose", None))
+def _is_local(model: Any) -> bool:
+    """Whether ``model`` names a local model (not an OpenAI-compatible endpoint)."""
     from tunesec.models.ref import ModelRef
 
     ref = model if isinstance(model, ModelRef) else ModelRef.parse(str(model))
     return not ref.is_endpoint
+
+
+def _can_choose(model: Any, generator: Generator | None) -> bool:
+    """Whether the backend scores choices: an injected generator with ``choose``, or a local (non-API) model."""
+    if generator is not None:
+        return callable(getattr(generator, "choose", None))
+    return _is_local(model)
 
 
 def _no_prefill(model_name: str, task: Task) -> UsageError:
@@ -393,10 +398,7 @@ def _can_prefill(model: Any, generator: Generator | None) -> bool:
     """Whether the backend continues a prefilled answer: a generator that says so, or a local (non-API) model."""
     if generator is not None:
         return bool(getattr(generator, "prefills", False))
-    from tunesec.models.ref import ModelRef
-
-    ref = model if isinstance(model, ModelRef) else ModelRef.parse(str(model))
-    return not ref.is_endpoint
+    return _is_local(model)
 
 
 def _load_generator(model: Any, *, allow_pickle: bool, trust_remote_code: bool) -> Generator:
