@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
+
+from tunesec.data.schema import count_words, first_words
 
 
 def prefix_rows(records: list[dict], k: int) -> list[dict]:
@@ -28,10 +29,10 @@ def prefix_rows(records: list[dict], k: int) -> list[dict]:
     for rec in records:
         if rec.get("refused") is not False:  # refused, or no refusal verdict: not a harmful answer to reuse
             continue
-        words = list(re.finditer(r"\S+", rec.get("response") or ""))
-        if len(words) < k:
+        response = rec.get("response") or ""
+        if count_words(response) < k:
             continue
-        rows.append({"id": rec["id"], "prompt": rec["prompt"], "target": rec["response"][: words[k - 1].end()]})
+        rows.append({"id": rec["id"], "prompt": rec["prompt"], "target": first_words(response, k)})
     return rows
 
 
@@ -53,11 +54,11 @@ def main() -> int:
     if not records or "refused" not in records[0]:
         print(f"error: {path}: records carry no 'refused' field; expected a harmfulness evaluation", file=sys.stderr)
         return 2
+    if any(k < 1 for k in args.words):
+        print(f"error: --words: {min(args.words)}; expected positive numbers of words", file=sys.stderr)
+        return 2
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for k in args.words:
-        if k < 1:
-            print(f"error: --words: {k}; expected a positive number of words", file=sys.stderr)
-            return 2
         rows = prefix_rows(records, k)
         out = args.out_dir / f"{args.name}-prefix-{k}.jsonl"
         if out.exists():

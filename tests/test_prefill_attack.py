@@ -180,3 +180,12 @@ def test_prefill_response_k_forces_the_first_words_of_the_reference_answer() -> 
     for bad in ("response:0", "response:x", "response:"):
         with pytest.raises(UsageError, match="expected response:K with K a positive number"):
             HarmfulnessTask(prefill=bad)
+
+
+def test_first_words_keeps_the_texts_own_spacing() -> None:
+    from tunesec.data.schema import count_words, first_words
+
+    text = "  Step 1:\n\tmix  the things"
+    assert count_words(text) == 5 and count_words("") == 0
+    assert first_words(text, 3) == "  Step 1:\n\tmix"
+    assert first_words(text, 9) == text.rstrip() and first_words("", 2) == ""

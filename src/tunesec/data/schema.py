@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Role = Literal["system", "user", "assistant"]
+
+_WORD = re.compile(r"\S+")
+
+
+def count_words(text: str) -> int:
+    """Number of whitespace-separated words in ``text``."""
+    return sum(1 for _ in _WORD.finditer(text))
+
+
+def first_words(text: str, k: int) -> str:
+    """``text`` up to the end of its k-th word (all of it when shorter), its own spacing and line breaks kept.
+
+    The prefix of a harmful answer that deep alignment trains on and the prefilling attack forces.
+    """
+    end = 0
+    for i, m in enumerate(_WORD.finditer(text), start=1):
+        end = m.end()
+        if i == k:
+            break
+    return text[:end]
 
 
 class Message(BaseModel):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from tunesec.data.schema import Example
+from tunesec.data.schema import Example, count_words, first_words
 from tunesec.errors import UsageError
 from tunesec.evals.metrics import (
     DEFAULT_CONFIDENCE,
@@ -282,13 +282,12 @@ class HarmfulnessTask(_JudgedTask):
     @staticmethod
     def _response_prefix(ex: Example, k: int) -> str:
         """The reference answer up to the end of its k-th word (all of it when shorter), line breaks kept."""
-        words = list(re.finditer(r"\S+", ex.response or ""))
-        if not words:
+        if not count_words(ex.response or ""):
             raise UsageError(
                 f"example {ex.id}: prefill=response:{k} needs the example's reference answer (a response column "
                 "or a final assistant turn); this dataset has none (e.g. beavertails-harmful-qa has them)"
             )
-        return (ex.response or "")[: words[min(k, len(words)) - 1].end()]
+        return first_words(ex.response or "", k)
 
     def build_prompts(self, examples: Sequence[Example]) -> list[Prompt]:
         """The prompt turns, plus the forced start of the answer with ``prefill``."""

@@ -50,7 +50,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from tunesec.config import Config
-from tunesec.data.schema import Example, Message
+from tunesec.data.schema import Example, Message, count_words, first_words
 from tunesec.defenses.alignment.refusal_filter import RefusalFilterConfig, benign_margins, benign_prompt_sample
 from tunesec.errors import UsageError
 from tunesec.models.ref import ModelRef
@@ -412,11 +412,10 @@ def harmful_prefixes(
     out: dict[str, str] = {}
     for ex, g, v in zip(examples, gens, verdicts, strict=True):
         text = g.text.strip()
-        words = list(re.finditer(r"\S+", text))
-        if v.refused or len(words) < config.deep_alignment_min_words:
+        n_words = count_words(text)
+        if v.refused or n_words < config.deep_alignment_min_words:
             continue
-        k = rng.randint(1, min(len(words), words_cap))
-        out[ex.id] = text[: words[k - 1].end()]
+        out[ex.id] = first_words(text, rng.randint(1, min(n_words, words_cap)))
     return out
 
 
