@@ -4,14 +4,20 @@ Same model, same 64 prompts, greedy, same max_new_tokens. Reports tokens/s of ea
 outputs are identical, and the machine's measured fp32 matmul GFLOP/s, which gives a compute bound of
 GFLOP/s / (2 x parameters) tokens/s. Prints a table and appends it to BENCHMARKS.md with the date and machine.
 
-    python benchmarks/generation.py [--model smollm2-135m] [--n 64] [--max-new-tokens 64]
+    python benchmarks/generation.py [--model smollm2-135m] [--n 64] [--max-new-tokens 64] [--kernels-ab 3]
+
+``--kernels-ab K`` adds K alternating rounds of the engine with and without its CPU decoding kernels
+(tunesec.models.cpu_kernels) on the same prompts, in the same process: the machine's speed drifts between runs, so
+only alternating runs on one loaded model compare fairly.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import tunesec.models.generation as generation
 from tunesec.models import GenerationConfig, load_model
 from tunesec.models.chat import ChatFormatter
 from tunesec.models.generation import HFGenerator
@@ -84,12 +91,37 @@ def hf_loop(lm, texts: list[str], max_new: int) -> tuple[list[str], int, float]:
     return outs, tokens, time.perf_counter() - t
 
 
+def kernels_ab(engine: HFGenerator, texts: list[str], cfg: GenerationConfig, rounds: int) -> list[tuple[str, str]]:
+    """Alternating runs of the engine with and without its CPU decoding kernels; median tok/s of each."""
+    real = generation.cpu_decoding
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    outs: dict[str, list[str]] = {}
+    try:
+        for _ in range(rounds):
+            for mode in ("off", "on"):
+                generation.cpu_decoding = real if mode == "on" else (lambda model: contextlib.nullcontext())
+                t = time.perf_counter()
+                gens = engine.generate(texts, cfg, progress=False)
+                rates[mode].append(sum(g.completion_tokens for g in gens) / (time.perf_counter() - t))
+                outs[mode] = [g.text for g in gens]
+    finally:
+        generation.cpu_decoding = real
+    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    same = sum(a == b for a, b in zip(outs["on"], outs["off"], strict=True))
+    runs = ", ".join(f"{r:.0f}" for r in rates["on"]) + " vs " + ", ".join(f"{r:.0f}" for r in rates["off"])
+    return [
+        (f"CPU kernels on / off, {rounds} alternating rounds", f"{on:.1f} / {off:.1f} tok/s (median; {runs})"),
+        ("kernels speed-up, identical outputs", f"{on / off:.2f}x, {same} / {len(texts)}"),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", default="auto")
+    ap.add_argument("--kernels-ab", type=int, default=0, metavar="K", help="Rounds of kernels on/off A/B.")
     ap.add_argument("--no-write", action="store_true", help="Do not append to BENCHMARKS.md.")
     args = ap.parse_args()
 
@@ -127,6 +159,8 @@ def main() -> None:
         ("compute bound (GFLOP/s / 2N)", f"{bound:.0f} tok/s"),
         ("engine / compute bound", f"{100 * eng_rate / bound:.0f}% (target >= 60%)"),
     ]
+    if args.kernels_ab:
+        rows += kernels_ab(engine, texts, cfg, args.kernels_ab)
     width = max(len(k) for k, _ in rows)
     table = "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     for k, v in rows:

@@ -15,7 +15,9 @@ Research code typically loops over prompts one at a time with ``model.generate``
   (continuous batching), so the batch stays full;
 - picks the batch size from free memory (``batch_size="auto"``) and halves it on out-of-memory;
 - samples, when asked, from one seeded random stream per prompt, so a prompt's output does not depend on
-  which other prompts share its batch.
+  which other prompts share its batch;
+- on a CPU, decodes with two matmuls for single-token attention and a block-split LM head
+  (:mod:`tunesec.models.cpu_kernels`).
 
 A vLLM backend (:class:`VLLMGenerator`) is used instead when vllm is installed and CUDA is present.
 """
@@ -31,6 +33,7 @@ from typing import Any
 from rich.markup import escape
 
 from tunesec.models.chat import ChatFormatter
+from tunesec.models.cpu_kernels import cpu_decoding
 from tunesec.models.loading import LoadedModel
 from tunesec.models.types import Generation, GenerationConfig, Prompt, as_chat
 from tunesec.progress import make_progress
@@ -104,7 +107,7 @@ class HFGenerator:
             pending = list(order)
             while pending:
                 try:
-                    with torch.inference_mode():
+                    with torch.inference_mode(), cpu_decoding(self.model):
                         _Decoder(self, encoded, cfg, batch_size).run(pending, finished)
                 except (torch.OutOfMemoryError, RuntimeError) as err:
                     if "out of memory" not in str(err).lower() or batch_size == 1:
