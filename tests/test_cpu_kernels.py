@@ -107,20 +107,84 @@ def test_cpu_decoding_switches_and_restores(monkeypatch: pytest.MonkeyPatch) -> 
         assert model.config._attn_implementation == "eager"
 
 
-def test_engine_output_unchanged_by_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+def _all_on_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thresholds low enough for the tiny model's layers (64-400 features) to run on oneDNN."""
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_OUT", 1)
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_IN", 1)
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_ROWS", 1)
+
+
+@pytest.mark.parametrize("pointwise", [True, False])
+def test_onednn_forward_matches_linear(pointwise: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not pointwise:  # a torch without the inductor op: oneDNN's public linear, with layout conversions
+        monkeypatch.setattr(kernels, "_pointwise_op", lambda: None)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80)
+    weight = kernels._onednn_weights([linear])[linear]
+    forward = kernels.onednn_forward(linear, weight, min_rows=4)
+    x = torch.randn(5, 3, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(forward(x), F.linear(x, linear.weight, linear.bias), atol=1e-5, rtol=1e-5)
+        assert forward(x[:1, :2]).shape == (1, 2, 80)  # under min_rows: MKL
+    y = forward(x)  # with autograd on, the plain layer (oneDNN's copy has no gradient)
+    assert y.requires_grad
+
+
+def test_onednn_weights_are_cached_until_the_weight_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    linear = torch.nn.Linear(32, 64)
+    first = kernels._onednn_weights([linear])[linear]
+    assert kernels._onednn_weights([linear])[linear] is first
+    with torch.no_grad():
+        linear.weight.add_(1.0)
+    second = kernels._onednn_weights([linear])[linear]
+    assert second is not first
+    torch.testing.assert_close(second.to_dense(), linear.weight.detach())
+    monkeypatch.setattr(kernels, "ONEDNN_MEMORY_FRACTION", 0.0)  # no room for a copy: no oneDNN
+    assert kernels._onednn_weights([torch.nn.Linear(32, 64)]) is None
+
+
+def test_without_room_for_onednn_the_head_is_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    _all_on_onednn(monkeypatch)
+    monkeypatch.setattr(kernels, "HEAD_MIN_VOCAB", 16)
+    model = _loaded().model
+    linears = dict(kernels._fast_linears(model))
+    assert len(linears) == sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert len(kernels._fast_linears(model)) == len(linears)  # already converted: no new memory needed
+    monkeypatch.setattr(kernels, "ONEDNN_MEMORY_FRACTION", 0.0)
+    other = _loaded().model
+    assert list(dict(kernels._fast_linears(other))) == [other.get_output_embeddings()]
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_engine_output_unchanged_by_the_kernels(onednn: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     import tunesec.models.generation as generation
 
+    if onednn:
+        _all_on_onednn(monkeypatch)
+    else:
+        monkeypatch.setattr(kernels, "ONEDNN_MEMORY_FRACTION", 0.0)
     monkeypatch.setattr(kernels, "HEAD_MIN_VOCAB", 16)  # the tiny vocabulary (~400) is split too
     monkeypatch.setattr(kernels, "HEAD_BLOCK", 64)
     monkeypatch.setattr(kernels, "HEAD_MIN_ROWS", 1)
-    calls = {"decode": 0}
+    calls = {"decode": 0, "linear": 0}
     real = kernels.decode_attention
+    real_onednn = kernels.onednn_forward
 
     def spy(module: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         calls["decode"] += query.shape[2] == 1
         return real(module, query, *args, **kwargs)
 
+    def spy_onednn(*args: Any) -> Any:
+        forward = real_onednn(*args)
+
+        def counted(x: Any) -> Any:
+            calls["linear"] += 1
+            return forward(x)
+
+        return counted
+
     monkeypatch.setattr(kernels, "decode_attention", spy)
+    monkeypatch.setattr(kernels, "onednn_forward", spy_onednn)
     kernels._register.cache_clear()
     lm = _loaded()
     engine = HFGenerator(lm)
@@ -132,6 +196,7 @@ def test_engine_output_unchanged_by_the_kernels(monkeypatch: pytest.MonkeyPatch)
         monkeypatch.undo()
         kernels._register.cache_clear()
     assert calls["decode"] > 0
+    assert (calls["linear"] > 0) == onednn
     monkeypatch.setattr(generation, "cpu_decoding", lambda model: contextlib.nullcontext())
     plain = [g.text for g in engine.generate(prompts, cfg, progress=False)]
     assert fast == plain

@@ -16,7 +16,7 @@ Research code typically loops over prompts one at a time with ``model.generate``
 - picks the batch size from free memory (``batch_size="auto"``) and halves it on out-of-memory;
 - samples, when asked, from one seeded random stream per prompt, so a prompt's output does not depend on
   which other prompts share its batch;
-- on a CPU, decodes with two matmuls for single-token attention and a block-split LM head
+- on a CPU, runs linear layers on oneDNN and single-token attention as two matmuls
   (:mod:`tunesec.models.cpu_kernels`).
 
 A vLLM backend (:class:`VLLMGenerator`) is used instead when vllm is installed and CUDA is present.
@@ -163,7 +163,7 @@ class HFGenerator:
         logprob: dict[tuple[int, int], float] = {}
         device = next(self.model.parameters()).device
         started = time.perf_counter()
-        with make_progress(enabled=progress) as bar:
+        with make_progress(enabled=progress) as bar, cpu_decoding(self.model):
             task = bar.add_task(f"score choices {escape(self.name)}", total=len(rows), info="")
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
