@@ -139,6 +139,10 @@ def test_onednn_weights_are_cached_until_the_weight_changes(monkeypatch: pytest.
     second = kernels._onednn_weights([linear])[linear]
     assert second is not first
     torch.testing.assert_close(second.to_dense(), linear.weight.detach())
+    linear.weight.data.mul_(0.5)  # through .data: no version bump, same storage (as PEFT's unsafe merge writes)
+    third = kernels._onednn_weights([linear])[linear]
+    assert third is not second
+    torch.testing.assert_close(third.to_dense(), linear.weight.detach())
     monkeypatch.setattr(kernels, "ONEDNN_MEMORY_FRACTION", 0.0)  # no room for a copy: no oneDNN
     assert kernels._onednn_weights([torch.nn.Linear(32, 64)]) is None
 

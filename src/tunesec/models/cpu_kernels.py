@@ -11,9 +11,9 @@ spends its time in places where PyTorch's default CPU kernels leave speed unused
   fp32 ``nn.Linear`` with at least :data:`ONEDNN_MIN_OUT` outputs and :data:`ONEDNN_MIN_IN` inputs there, for
   inputs of at least :data:`ONEDNN_MIN_ROWS` rows (any row count for the LM head, ~3x faster even at one row;
   fewer rows stay on MKL, which is as fast or faster there). The converted weights are cached per layer (rebuilt
-  when the weight changes) and cost one more copy of those weights in memory; they are not built when that copy
-  would take more than :data:`ONEDNN_MEMORY_FRACTION` of the free memory. Results differ from MKL's by fp32
-  rounding (~1e-6 relative).
+  when the weight changes, see :func:`_signature`) and cost one more copy of those weights in memory; they are
+  not built when that copy would take more than :data:`ONEDNN_MEMORY_FRACTION` of the free memory. Results
+  differ from MKL's by fp32 rounding (~1e-6 relative).
 - **Attention for one new token.** ``scaled_dot_product_attention`` with a padding mask runs its generic CPU kernel
   at ~15 GB/s over a KV cache that this machine reads at ~70 GB/s. Two batched matmuls do better, and best in
   the orientation ``keys @ queries^T`` (the cache's rows are the long side, the few query heads of a KV group the
@@ -153,9 +153,11 @@ def _pointwise_op() -> Any:
     return None
 
 
-# oneDNN copy of each converted layer's weight, with the weight's version counter and storage when it was made
-# (keyed by layer: tensors cannot be dictionary keys, their == is elementwise)
-_ONEDNN_WEIGHTS: WeakKeyDictionary[Any, tuple[int, int, Any]] = WeakKeyDictionary()
+# oneDNN copy of each converted layer's weight, with the weight's signature when it was made (keyed by layer:
+# tensors cannot be dictionary keys, their == is elementwise)
+_ONEDNN_WEIGHTS: WeakKeyDictionary[Any, tuple[tuple[int, int, float], Any]] = WeakKeyDictionary()
+# elements of a weight summed into its signature
+_SIGNATURE_SAMPLES = 4096
 
 
 def _onednn_weights(linears: list[Any]) -> dict[Any, Any] | None:
@@ -165,18 +167,26 @@ def _onednn_weights(linears: list[Any]) -> dict[Any, Any] | None:
 
     if not torch.backends.mkldnn.is_available():
         return None
-    stale = [m for m in linears if not _fresh(m)]
+    signatures = {m: _signature(m.weight) for m in linears}
+    stale = [m for m in linears if m not in _ONEDNN_WEIGHTS or _ONEDNN_WEIGHTS[m][0] != signatures[m]]
     need = sum(m.weight.numel() * m.weight.element_size() for m in stale)
     if need > ONEDNN_MEMORY_FRACTION * psutil.virtual_memory().available:
         return None
     for m in stale:
-        _ONEDNN_WEIGHTS[m] = (m.weight._version, m.weight.data_ptr(), m.weight.detach().to_mkldnn())
-    return {m: _ONEDNN_WEIGHTS[m][2] for m in linears}
+        _ONEDNN_WEIGHTS[m] = (signatures[m], m.weight.detach().to_mkldnn())
+    return {m: _ONEDNN_WEIGHTS[m][1] for m in linears}
 
 
-def _fresh(linear: Any) -> bool:
-    cached = _ONEDNN_WEIGHTS.get(linear)
-    return cached is not None and cached[:2] == (linear.weight._version, linear.weight.data_ptr())
+def _signature(weight: Any) -> tuple[int, int, float]:
+    """What tells a changed weight from the one a cached copy was made of.
+
+    The version counter catches in-place updates (optimizer steps, edits under ``no_grad``) and the storage address
+    a new tensor; a sum over a strided sample of the values catches writes through ``.data``, which bump no
+    counter (PEFT's unsafe ``merge``, for one).
+    """
+    flat = weight.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // _SIGNATURE_SAMPLES)]
+    return (weight._version, weight.data_ptr(), float(sample.double().sum()))
 
 
 def _fast_linears(base: Any) -> list[tuple[Any, Any]]:
