@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 
 import click
 import typer
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tunesec`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("TUNESEC_DEBUG") == "1"
+    if not debug:
+        # PEFT asks every model it wraps for `is_gradient_checkpointing`, which transformers 5 deprecates: a
+        # warning at each adapter load that concerns neither the user's model nor their command
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         result = app(args=args, prog_name="tunesec", standalone_mode=False)
     except click.exceptions.Exit as exc:
