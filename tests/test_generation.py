@@ -94,7 +94,14 @@ def test_batched_greedy_matches_sequential(arch: str, system: str | None, monkey
     assert differing <= len(PROMPTS) // 4
 
 
-def test_first_step_logits_match_within_fp32_tolerance() -> None:
+@pytest.mark.parametrize("kernels", [False, True])
+def test_first_step_logits_match_within_fp32_tolerance(kernels: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    import tunesec.models.cpu_kernels as cpu_kernels
+
+    for name in ("ONEDNN_MIN_OUT", "ONEDNN_MIN_IN", "ONEDNN_MIN_ROWS"):  # the tiny model's layers qualify too
+        monkeypatch.setattr(cpu_kernels, name, 1)
     lm = _loaded("llama")
     engine = HFGenerator(lm)
     cfg = GenerationConfig()
@@ -107,8 +114,10 @@ def test_first_step_logits_match_within_fp32_tolerance() -> None:
         mask[r, width - len(e) :] = 1
     from transformers import DynamicCache
 
+    fast = cpu_kernels.cpu_decoding(lm.model) if kernels else contextlib.nullcontext()
     with torch.inference_mode():
-        batched = engine._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), DynamicCache())
+        with fast:
+            batched = engine._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), DynamicCache())
         for r, e in enumerate(encoded):
             single = lm.model(torch.tensor([e])).logits[0, -1]
             torch.testing.assert_close(batched[r], single, atol=1e-4, rtol=1e-4)
