@@ -62,11 +62,11 @@ def matmul_gflops(size: int = 1024, reps: int = 30) -> dict[str, float]:
     torch's CPU matmul runs on MKL; oneDNN (the engine's kernels for linear layers) is much faster on some CPUs
     (on this AMD machine ~450 vs ~220 GFLOP/s). The compute bound uses the faster of the two.
     """
-    from tunesec.models.cpu_kernels import _pointwise_op
+    from tunesec.models.cpu_kernels import pointwise_linear_op
 
     a, b = torch.randn(size, size), torch.randn(size, size)
     runs = {"MKL": lambda: a @ b}
-    op = _pointwise_op() if torch.backends.mkldnn.is_available() else None
+    op = pointwise_linear_op() if torch.backends.mkldnn.is_available() else None
     if op is not None:
         packed = b.t().contiguous().to_mkldnn()
         runs["oneDNN"] = lambda: op(a, packed, None, "none", [], "")

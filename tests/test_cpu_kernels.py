@@ -72,24 +72,21 @@ def test_decode_attention_hands_other_cases_to_sdpa() -> None:
         kernels.decode_attention(module, q1, k1, v1, None, softcap=30.0)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 9, 64])
-def test_split_head_is_bit_identical(bias: bool, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "HEAD_BLOCK", 100)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(32, 1037, bias=bias)  # 1037 = ten blocks of 100 and one of 37
-    x = torch.randn(rows, 1, 32)
-    assert torch.equal(kernels.split_head_forward(head)(x), F.linear(x, head.weight, head.bias))
-
-
 def _loaded() -> LoadedModel:
     tok = make_tokenizer()
     tok.padding_side = "left"
     return LoadedModel(ref=ModelRef(base="tiny-llama"), model=make_model(tok, arch="llama"), tokenizer=tok)
 
 
+def _all_on_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thresholds low enough for the tiny model's layers (64-400 features) to run on oneDNN."""
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_OUT", 1)
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_IN", 1)
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_ROWS", 1)
+
+
 def test_cpu_decoding_switches_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "HEAD_MIN_VOCAB", 16)
+    _all_on_onednn(monkeypatch)
     model = _loaded().model
     head = model.get_output_embeddings()
     assert model.config._attn_implementation == "sdpa"
@@ -107,17 +104,10 @@ def test_cpu_decoding_switches_and_restores(monkeypatch: pytest.MonkeyPatch) -> 
         assert model.config._attn_implementation == "eager"
 
 
-def _all_on_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Thresholds low enough for the tiny model's layers (64-400 features) to run on oneDNN."""
-    monkeypatch.setattr(kernels, "ONEDNN_MIN_OUT", 1)
-    monkeypatch.setattr(kernels, "ONEDNN_MIN_IN", 1)
-    monkeypatch.setattr(kernels, "ONEDNN_MIN_ROWS", 1)
-
-
 @pytest.mark.parametrize("pointwise", [True, False])
 def test_onednn_forward_matches_linear(pointwise: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if not pointwise:  # a torch without the inductor op: oneDNN's public linear, with layout conversions
-        monkeypatch.setattr(kernels, "_pointwise_op", lambda: None)
+        monkeypatch.setattr(kernels, "pointwise_linear_op", lambda: None)
     torch.manual_seed(0)
     linear = torch.nn.Linear(48, 80)
     weight = kernels._onednn_weights([linear])[linear]
@@ -147,16 +137,15 @@ def test_onednn_weights_are_cached_until_the_weight_changes(monkeypatch: pytest.
     assert kernels._onednn_weights([torch.nn.Linear(32, 64)]) is None
 
 
-def test_without_room_for_onednn_the_head_is_split(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_room_for_onednn_the_layers_stay_plain(monkeypatch: pytest.MonkeyPatch) -> None:
     _all_on_onednn(monkeypatch)
-    monkeypatch.setattr(kernels, "HEAD_MIN_VOCAB", 16)
     model = _loaded().model
     linears = dict(kernels._fast_linears(model))
     assert len(linears) == sum(type(m) is torch.nn.Linear for m in model.modules())
     assert len(kernels._fast_linears(model)) == len(linears)  # already converted: no new memory needed
     monkeypatch.setattr(kernels, "ONEDNN_MEMORY_FRACTION", 0.0)
     other = _loaded().model
-    assert list(dict(kernels._fast_linears(other))) == [other.get_output_embeddings()]
+    assert kernels._fast_linears(other) == []
 
 
 @pytest.mark.parametrize("onednn", [False, True])
@@ -167,9 +156,6 @@ def test_engine_output_unchanged_by_the_kernels(onednn: bool, monkeypatch: pytes
         _all_on_onednn(monkeypatch)
     else:
         monkeypatch.setattr(kernels, "ONEDNN_MEMORY_FRACTION", 0.0)
-    monkeypatch.setattr(kernels, "HEAD_MIN_VOCAB", 16)  # the tiny vocabulary (~400) is split too
-    monkeypatch.setattr(kernels, "HEAD_BLOCK", 64)
-    monkeypatch.setattr(kernels, "HEAD_MIN_ROWS", 1)
     calls = {"decode": 0, "linear": 0}
     real = kernels.decode_attention
     real_onednn = kernels.onednn_forward
@@ -207,7 +193,7 @@ def test_engine_output_unchanged_by_the_kernels(onednn: bool, monkeypatch: pytes
 
 
 def test_nested_blocks_leave_the_model_restored(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "HEAD_MIN_VOCAB", 16)
+    _all_on_onednn(monkeypatch)
     model = _loaded().model
     head = model.get_output_embeddings()
     outer = kernels.cpu_decoding(model)

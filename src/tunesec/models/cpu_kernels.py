@@ -1,4 +1,4 @@
-"""Faster decoding on a CPU, for the generation engine: oneDNN matmuls, single-query attention, a split LM head.
+"""Faster decoding on a CPU, for the generation engine: oneDNN matmuls and single-query attention.
 
 Profiled on a 2-core CPU with SmolLM2-135M at 64 rows and ~160 cached columns (see BENCHMARKS.md), a decode step
 spends its time in places where PyTorch's default CPU kernels leave speed unused:
@@ -20,8 +20,6 @@ spends its time in places where PyTorch's default CPU kernels leave speed unused
   short one): 27 ms vs 41 ms for 30 layers' attention in a step. :func:`decode_attention` is registered as a
   transformers attention backend that uses them for single-token queries and hands everything else (prefill,
   dropout, soft-capping, position biases) to transformers' own SDPA function.
-- **The LM head without oneDNN** (a build without it, or too little memory): split into blocks of
-  :data:`HEAD_BLOCK` output rows it runs ~20% faster on MKL, with bit-identical logits.
 
 :func:`cpu_decoding` switches these on for the duration of a ``with`` block and restores the model afterwards. It
 does nothing on GPUs, leaves attention alone on models whose attention is not dispatched through transformers'
@@ -39,10 +37,6 @@ from weakref import WeakKeyDictionary
 
 # Name under which decode_attention is registered with transformers' attention and mask interfaces.
 BACKEND = "tunesec_cpu_decode"
-# Output rows of the LM head computed per matmul, and the smallest head (vocabulary) and batch worth splitting.
-HEAD_BLOCK = 768
-HEAD_MIN_VOCAB = 8192
-HEAD_MIN_ROWS = 8
 # Linear layers run on oneDNN from this size (outputs, inputs) and this many input rows (the LM head: any).
 ONEDNN_MIN_OUT = 128
 ONEDNN_MIN_IN = 128
@@ -106,27 +100,12 @@ def decode_attention(
     return out.reshape(batch, 1, heads, value.shape[-1]), None
 
 
-def split_head_forward(head: Any) -> Any:
-    """A forward for the ``nn.Linear`` ``head`` that computes its outputs in blocks of :data:`HEAD_BLOCK` rows."""
-    import torch
-    import torch.nn.functional as F
-
-    def forward(x: Any) -> Any:
-        weight, bias = head.weight, head.bias
-        if x.numel() // x.shape[-1] < HEAD_MIN_ROWS:
-            return F.linear(x, weight, bias)
-        biases = bias.split(HEAD_BLOCK) if bias is not None else [None] * -(-weight.shape[0] // HEAD_BLOCK)
-        return torch.cat([F.linear(x, w, b) for w, b in zip(weight.split(HEAD_BLOCK), biases, strict=True)], dim=-1)
-
-    return forward
-
-
 def onednn_forward(linear: Any, weight: Any, min_rows: int) -> Any:
     """A forward for the ``nn.Linear`` ``linear`` that runs on oneDNN with ``weight`` (its weight, converted)."""
     import torch
     import torch.nn.functional as F
 
-    pointwise = _pointwise_op()
+    pointwise = pointwise_linear_op()
 
     def forward(x: Any) -> Any:
         if x.numel() // x.shape[-1] < min_rows or x.dtype != torch.float32 or torch.is_grad_enabled():
@@ -139,7 +118,7 @@ def onednn_forward(linear: Any, weight: Any, min_rows: int) -> Any:
 
 
 @lru_cache(maxsize=1)
-def _pointwise_op() -> Any:
+def pointwise_linear_op() -> Any:
     """``torch.ops.mkldnn._linear_pointwise`` (the op torch's inductor uses) if this torch has a working one."""
     import torch
 
@@ -201,11 +180,9 @@ def _fast_linears(base: Any) -> list[tuple[Any, Any]]:
     ]
     large = [m for m in plain if m.out_features >= ONEDNN_MIN_OUT and m.in_features >= ONEDNN_MIN_IN]
     onednn = _onednn_weights(large) if large else None
-    if onednn is not None:
-        return [(m, onednn_forward(m, w, 1 if m is head else ONEDNN_MIN_ROWS)) for m, w in onednn.items()]
-    if head in plain and head.out_features >= HEAD_MIN_VOCAB:
-        return [(head, split_head_forward(head))]
-    return []
+    if onednn is None:
+        return []
+    return [(m, onednn_forward(m, w, 1 if m is head else ONEDNN_MIN_ROWS)) for m, w in onednn.items()]
 
 
 @contextmanager
