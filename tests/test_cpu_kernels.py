@@ -44,7 +44,7 @@ def _padding_mask(batch: int, q_len: int, width: int) -> Any:
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (4, 4), (3, 1)])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
-def test_decode_attention_matches_sdpa(heads: int, kv_heads: int, mask_kind: str) -> None:
+def test_cpu_attention_matches_sdpa(heads: int, kv_heads: int, mask_kind: str) -> None:
     batch, kv_len = 4, 11
     q, k, v = _qkv(batch, heads, kv_heads, 1, kv_len)
     mask: Any = None
@@ -54,22 +54,22 @@ def test_decode_attention_matches_sdpa(heads: int, kv_heads: int, mask_kind: str
             mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     module = _Attn(heads // kv_heads)
     for scaling in (None, 0.3):
-        got, _ = kernels.decode_attention(module, q, k, v, mask, scaling=scaling)
+        got, _ = kernels.cpu_attention(module, q, k, v, mask, scaling=scaling)
         ref_mask = mask[..., :kv_len] if mask is not None else None
         want, _ = sdpa_attention_forward(module, q, k, v, ref_mask, scaling=scaling)
         assert got.shape == want.shape == (batch, 1, heads, 16)
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
 
 
-def test_decode_attention_hands_other_cases_to_sdpa() -> None:
+def test_cpu_attention_hands_other_cases_to_sdpa() -> None:
     module = _Attn(2)
     q, k, v = _qkv(3, 4, 2, 5, 5)  # a prefill: five query tokens
-    got, _ = kernels.decode_attention(module, q, k, v, None)
+    got, _ = kernels.cpu_attention(module, q, k, v, None)
     want, _ = sdpa_attention_forward(module, q, k, v, None)
     assert torch.equal(got, want)
     q1, k1, v1 = _qkv(3, 4, 2, 1, 5)
     with pytest.raises(ValueError, match="softcap"):  # SDPA's own refusal, not a silently wrong result
-        kernels.decode_attention(module, q1, k1, v1, None, softcap=30.0)
+        kernels.cpu_attention(module, q1, k1, v1, None, softcap=30.0)
 
 
 def _loaded() -> LoadedModel:
@@ -128,11 +128,11 @@ def test_onednn_weights_are_cached_until_the_weight_changes(monkeypatch: pytest.
         linear.weight.add_(1.0)
     second = kernels._onednn_weights([linear])[linear]
     assert second is not first
-    torch.testing.assert_close(second.to_dense(), linear.weight.detach())
+    torch.testing.assert_close(second.forward.to_dense(), linear.weight.detach())
     linear.weight.data.mul_(0.5)  # through .data: no version bump, same storage (as PEFT's unsafe merge writes)
     third = kernels._onednn_weights([linear])[linear]
     assert third is not second
-    torch.testing.assert_close(third.to_dense(), linear.weight.detach())
+    torch.testing.assert_close(third.forward.to_dense(), linear.weight.detach())
     monkeypatch.setattr(kernels, "ONEDNN_MEMORY_FRACTION", 0.0)  # no room for a copy: no oneDNN
     assert kernels._onednn_weights([torch.nn.Linear(32, 64)]) is None
 
@@ -157,15 +157,15 @@ def test_engine_output_unchanged_by_the_kernels(onednn: bool, monkeypatch: pytes
     else:
         monkeypatch.setattr(kernels, "ONEDNN_MEMORY_FRACTION", 0.0)
     calls = {"decode": 0, "linear": 0}
-    real = kernels.decode_attention
+    real = kernels.cpu_attention
     real_onednn = kernels.onednn_forward
 
     def spy(module: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         calls["decode"] += query.shape[2] == 1
         return real(module, query, *args, **kwargs)
 
-    def spy_onednn(*args: Any) -> Any:
-        forward = real_onednn(*args)
+    def spy_onednn(*args: Any, **kwargs: Any) -> Any:
+        forward = real_onednn(*args, **kwargs)
 
         def counted(x: Any) -> Any:
             calls["linear"] += 1
@@ -173,7 +173,7 @@ def test_engine_output_unchanged_by_the_kernels(onednn: bool, monkeypatch: pytes
 
         return counted
 
-    monkeypatch.setattr(kernels, "decode_attention", spy)
+    monkeypatch.setattr(kernels, "cpu_attention", spy)
     monkeypatch.setattr(kernels, "onednn_forward", spy_onednn)
     kernels._register.cache_clear()
     lm = _loaded()
@@ -203,3 +203,131 @@ def test_nested_blocks_leave_the_model_restored(monkeypatch: pytest.MonkeyPatch)
     assert model.config._attn_implementation == kernels.BACKEND and "forward" in vars(head)
     outer.__exit__(None, None, None)
     assert model.config._attn_implementation == "sdpa" and "forward" not in vars(head)
+
+
+# -- training: packed attention, frozen linear layers on oneDNN ---------------------------------------------------
+
+
+def _packed(lengths: list[int]) -> tuple[Any, Any]:
+    """Position ids of examples packed into one row, and their block-diagonal causal mask as transformers builds it."""
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    example = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    n = sum(lengths)
+    mask = torch.ones(n, n, dtype=torch.bool).tril() & (example[:, None] == example[None, :])
+    return positions, mask[None, None]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (4, 4)])
+def test_packed_attention_matches_block_diagonal_sdpa(heads: int, kv_heads: int) -> None:
+    lengths = [3, 5, 1, 4]
+    positions, mask = _packed(lengths)
+    module = _Attn(heads // kv_heads)
+    q, k, v = (t.requires_grad_() for t in _qkv(1, heads, kv_heads, sum(lengths), sum(lengths)))
+    assert kernels._packed_segments(q, k, mask, positions) == [(0, 3), (3, 8), (8, 9), (9, 13)]
+    got, _ = kernels.cpu_attention(module, q, k, v, mask, scaling=0.3, position_ids=positions)
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_only_an_exact_packed_mask_takes_the_packed_path() -> None:
+    lengths = [3, 5, 4]
+    n = sum(lengths)
+    positions, mask = _packed(lengths)
+    q, k, _ = _qkv(1, 4, 2, n, n)
+    assert kernels._packed_segments(q, k, mask, positions) is not None
+    window = mask & torch.ones(n, n, dtype=torch.bool).triu(-2)  # a sliding window inside each example
+    assert kernels._packed_segments(q, k, window, positions) is None
+    padded = mask.clone()
+    padded[..., 3] = False  # a padding token
+    assert kernels._packed_segments(q, k, padded, positions) is None
+    assert kernels._packed_segments(q, k, None, positions) is None  # no mask: causal over the whole row
+    assert kernels._packed_segments(q, k, mask, None) is None
+    shifted = positions.clone()
+    shifted[0, 4] = 7  # positions that do not count up within an example
+    assert kernels._packed_segments(q, k, mask, shifted) is None
+    one = torch.ones(n, n, dtype=torch.bool).tril()[None, None]  # a single example
+    assert kernels._packed_segments(q, k, one, torch.arange(n)[None]) is None
+    q2, k2, _ = _qkv(2, 4, 2, n, n)
+    assert kernels._packed_segments(q2, k2, mask.expand(2, 1, n, n), positions.expand(2, n)) is None
+
+
+def test_frozen_linear_forward_and_input_gradient_on_onednn() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80).requires_grad_(False)
+    copies = kernels._onednn_weights([linear], transposed=True)[linear]
+    assert copies.transposed is not None
+    forward = kernels.onednn_forward(linear, copies, min_rows=1, training=True)
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    got = forward(x)
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    want = F.linear(x2, linear.weight, linear.bias)
+    (want_grad,) = torch.autograd.grad(want.sum(), x2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, want_grad, atol=1e-5, rtol=1e-5)
+    # a second-order gradient (create_graph) goes through the plain product
+    (g1,) = torch.autograd.grad(forward(x).square().sum(), x, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.sum(), x)
+    (w1,) = torch.autograd.grad(F.linear(x2, linear.weight, linear.bias).square().sum(), x2, create_graph=True)
+    (w2,) = torch.autograd.grad(w1.sum(), x2)
+    torch.testing.assert_close(g2, w2, atol=1e-4, rtol=1e-4)
+    # a trained layer keeps F.linear and gets its weight gradient
+    linear.weight.requires_grad_(True)
+    forward(x).sum().backward()
+    assert linear.weight.grad is not None
+
+
+def test_training_copies_follow_weight_changes() -> None:
+    linear = torch.nn.Linear(32, 64).requires_grad_(False)
+    copies = kernels._onednn_weights([linear], transposed=True)[linear]
+    forward = kernels.onednn_forward(linear, copies, min_rows=1, training=True)
+    x = torch.randn(4, 32, requires_grad=True)
+    with torch.no_grad():
+        linear.weight.mul_(-2.0)  # a hook's perturbation of a frozen weight
+    torch.testing.assert_close(forward(x), F.linear(x, linear.weight, linear.bias), atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(forward(x).sum(), x)
+    torch.testing.assert_close(grad, linear.weight.sum(0).expand(4, 32), atol=1e-5, rtol=1e-5)
+
+
+def test_training_matches_plain_kernels(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's LoRA run with the CPU kernels (every tiny layer on oneDNN, packed attention) as without."""
+    import tunesec.training.engine as engine
+    from test_training_fixtures import make_loaded, memorise_set
+    from tunesec.training import TrainConfig, train
+
+    _all_on_onednn(monkeypatch)
+    packed_calls = []
+    real = kernels._packed_segments
+
+    def spy(*args: Any) -> Any:
+        spans = real(*args)
+        packed_calls.append(spans is not None)
+        return spans
+
+    monkeypatch.setattr(kernels, "_packed_segments", spy)
+    weights_used: list[int] = []
+    real_matmul = kernels._onednn_matmul
+
+    def spy_matmul(x: Any, weight: Any, bias: Any) -> Any:
+        weights_used.append(id(weight))
+        return real_matmul(x, weight, bias)
+
+    monkeypatch.setattr(kernels, "_onednn_matmul", spy_matmul)
+    cfg = TrainConfig(method="lora", max_steps=3, per_device_batch_size=4, learning_rate=1e-2, save_steps=0)
+    fast = train(make_loaded(), memorise_set(8), cfg, out_dir=tmp_path / "fast", progress=False)
+    assert any(packed_calls), "transformers' packed mask never reached the packed path"
+    assert all(packed_calls)
+    transposed = {id(w.transposed) for w in kernels._ONEDNN_WEIGHTS.values() if w.transposed is not None}
+    assert transposed & set(weights_used), "no input gradient ran on oneDNN"
+    monkeypatch.setattr(engine, "cpu_training", lambda model: contextlib.nullcontext())
+    plain = train(make_loaded(), memorise_set(8), cfg, out_dir=tmp_path / "plain", progress=False)
+    assert fast.metrics.losses == pytest.approx(plain.metrics.losses, rel=1e-4)
+    want = dict(plain.model.named_parameters())
+    for name, p in fast.model.named_parameters():
+        torch.testing.assert_close(p, want[name], atol=1e-4, rtol=1e-3, msg=name)
+    head = fast.model.get_output_embeddings()
+    assert "forward" not in vars(head)  # restored after training

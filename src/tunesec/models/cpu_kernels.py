@@ -1,42 +1,54 @@
-"""Faster decoding on a CPU, for the generation engine: oneDNN matmuls and single-query attention.
+"""Faster kernels on a CPU, for the generation engine and the training engine: oneDNN matmuls and attention.
 
-Profiled on a 2-core CPU with SmolLM2-135M at 64 rows and ~160 cached columns (see BENCHMARKS.md), a decode step
-spends its time in places where PyTorch's default CPU kernels leave speed unused:
+Profiled on a 2-core CPU with SmolLM2-135M (see BENCHMARKS.md), decoding and LoRA training spend their time in
+places where PyTorch's default CPU kernels leave speed unused:
 
 - **The linear layers.** ``F.linear`` runs on MKL's sgemm, which on this (AMD) machine reaches ~220 GFLOP/s at
   best and 155-185 on the model's projections at 64 rows (118 on the 576 x 49,152 LM head). oneDNN's matmul
   (``torch.ops.mkldnn._linear_pointwise``, the op torch's inductor compiles linear layers to) with the weight
   converted once to oneDNN's layout reaches ~450 GFLOP/s on this machine: at 64 rows it runs the projections
-  1.3-2.2x faster and the LM head 2.7x, at 1,024 rows (prefill) ~2.1x. :func:`cpu_decoding` routes every plain
-  fp32 ``nn.Linear`` with at least :data:`ONEDNN_MIN_OUT` outputs and :data:`ONEDNN_MIN_IN` inputs there, for
-  inputs of at least :data:`ONEDNN_MIN_ROWS` rows (any row count for the LM head, ~3x faster even at one row;
-  fewer rows stay on MKL, which is as fast or faster there). The converted weights are cached per layer (rebuilt
-  when the weight changes, see :func:`_signature`) and cost one more copy of those weights in memory; they are
-  not built when that copy would take more than :data:`ONEDNN_MEMORY_FRACTION` of the free memory. Results
-  differ from MKL's by fp32 rounding (~1e-6 relative).
+  1.3-2.2x faster and the LM head 2.7x, at 500-1,024 rows (prefill, a training batch) ~2.2x. :func:`cpu_decoding`
+  and :func:`cpu_training` route every plain fp32 ``nn.Linear`` with at least :data:`ONEDNN_MIN_OUT` outputs and
+  :data:`ONEDNN_MIN_IN` inputs there, for inputs of at least :data:`ONEDNN_MIN_ROWS` rows (any row count for the
+  LM head, ~3x faster even at one row; fewer rows stay on MKL, which is as fast or faster there). In training
+  only frozen layers qualify (the base layers under LoRA, the LM head): their forward runs on oneDNN and so does
+  the gradient of their input, with a second copy of the weight transposed; a layer whose weight or bias needs a
+  gradient keeps ``F.linear``. The converted weights are cached per layer (rebuilt when the weight changes, see
+  :func:`_signature`) and cost one more copy of those weights in memory (two in training); they are not built
+  when that would take more than :data:`ONEDNN_MEMORY_FRACTION` of the free memory. Results differ from MKL's by
+  fp32 rounding (~1e-6 relative).
 - **Attention for one new token.** ``scaled_dot_product_attention`` with a padding mask runs its generic CPU kernel
   at ~15 GB/s over a KV cache that this machine reads at ~70 GB/s. Two batched matmuls do better, and best in
   the orientation ``keys @ queries^T`` (the cache's rows are the long side, the few query heads of a KV group the
-  short one): 27 ms vs 41 ms for 30 layers' attention in a step. :func:`decode_attention` is registered as a
-  transformers attention backend that uses them for single-token queries and hands everything else (prefill,
-  dropout, soft-capping, position biases) to transformers' own SDPA function.
+  short one): 27 ms vs 41 ms for 30 layers' attention in a step.
+- **Attention over packed sequences.** The training engine packs a micro-batch into one row (padding-free) and
+  transformers masks it block-diagonally, so SDPA computes and differentiates the attention of every token to
+  every other token of the row and masks most of it away: with 8 examples of ~110 tokens, 8x the work needed.
+  Each example's own causal attention, one SDPA call per example, gives the same result 5x faster (forward and
+  backward).
 
-:func:`cpu_decoding` switches these on for the duration of a ``with`` block and restores the model afterwards. It
-does nothing on GPUs, leaves attention alone on models whose attention is not dispatched through transformers'
-attention interface or that do not use SDPA, and leaves alone any layer that is not a plain fp32 ``nn.Linear``
-(the frozen base layer inside a LoRA layer qualifies; low-rank adapter matrices under the size limits do not).
+:func:`cpu_attention` does both: it is registered as a transformers attention backend, used only inside the
+blocks, and hands everything else (prefill of padded batches, soft-capping, position biases, a mask it does not
+recognise) to transformers' own SDPA function.
+
+:func:`cpu_decoding` and :func:`cpu_training` switch these on for the duration of a ``with`` block and restore the
+model afterwards. They do nothing on GPUs, leave attention alone on models whose attention is not dispatched
+through transformers' attention interface or that do not use SDPA, and leave alone any layer that is not a plain
+fp32 ``nn.Linear`` (the frozen base layer inside a LoRA layer qualifies; low-rank adapter matrices under the size
+limits do not).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 from weakref import WeakKeyDictionary
 
-# Name under which decode_attention is registered with transformers' attention and mask interfaces.
-BACKEND = "tunesec_cpu_decode"
+# Name under which cpu_attention is registered with transformers' attention and mask interfaces.
+BACKEND = "tunesec_cpu"
 # Linear layers run on oneDNN from this size (outputs, inputs) and this many input rows (the LM head: any).
 ONEDNN_MIN_OUT = 128
 ONEDNN_MIN_IN = 128
@@ -47,7 +59,7 @@ ONEDNN_MEMORY_FRACTION = 0.25
 _SDPA_ONLY = ("softcap", "position_bias", "s_aux", "sinks")
 
 
-def decode_attention(
+def cpu_attention(
     module: Any,
     query: Any,
     key: Any,
@@ -58,31 +70,52 @@ def decode_attention(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[Any, None]:
-    """Attention with transformers' backend signature; single-token queries take two batched matmuls.
+    """Attention with transformers' backend signature: single-token queries and packed rows take faster paths.
 
     Shapes as in transformers: ``query`` is ``(batch, heads, q_len, dim)``, ``key``/``value`` are
     ``(batch, kv_heads, kv_len, dim)``, ``attention_mask`` is a boolean (True = attend) or additive mask of shape
     ``(batch or 1, 1 or heads, q_len, >= kv_len)`` or None. Returns ``(batch, q_len, heads, dim)`` as SDPA does.
     """
-    import torch
-
     sdpa = _sdpa_forward()
-    batch, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    mask = attention_mask
-    simple = (
-        q_len == 1
-        and query.device.type == "cpu"
-        and dropout == 0.0
-        and heads % kv_heads == 0
-        and not kwargs.get("output_attentions")
-        and all(kwargs.get(k) is None for k in _SDPA_ONLY)
-        and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1))
-    )
-    if not simple:
+    plain = query.device.type == "cpu" and not kwargs.get("output_attentions")
+    plain = plain and all(kwargs.get(k) is None for k in _SDPA_ONLY)
+    if plain and query.shape[2] == 1 and dropout == 0.0:
+        out = _decode_attention(query, key, value, attention_mask, scaling)
+        if out is not None:
+            return out, None
+    segments = _packed_segments(query, key, attention_mask, kwargs.get("position_ids")) if plain else None
+    if segments is None:
         return sdpa(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
+    import torch
+
+    # each example of the packed row attends causally to itself only: exactly the block-diagonal mask's result
+    parts = [
+        sdpa(
+            module,
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            None,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=True,
+            **kwargs,
+        )[0]
+        for a, b in segments
+    ]
+    return torch.cat(parts, dim=1), None
+
+
+def _decode_attention(query: Any, key: Any, value: Any, mask: Any, scaling: float | None) -> Any:
+    """One query token per row as ``keys @ queries^T`` and ``probs @ values``; None if the shapes do not fit."""
+    import torch
+
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    if heads % kv_heads or not (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)):
+        return None
     group = heads // kv_heads
     kv_len = key.shape[-2]
     scale = scaling if scaling is not None else dim**-0.5
@@ -97,22 +130,130 @@ def decode_attention(
             scores = scores + column
     probs = scores.transpose(-1, -2).softmax(dim=-1)  # (batch, kv_heads, group, kv_len)
     out = torch.matmul(probs.to(value.dtype), value)  # (batch, kv_heads, group, dim)
-    return out.reshape(batch, 1, heads, value.shape[-1]), None
+    return out.reshape(batch, 1, heads, value.shape[-1])
 
 
-def onednn_forward(linear: Any, weight: Any, min_rows: int) -> Any:
-    """A forward for the ``nn.Linear`` ``linear`` that runs on oneDNN with ``weight`` (its weight, converted)."""
+# The last mask recognised as packed examples, and their (start, end) spans: every layer of a forward pass gets
+# the same mask object, so the check runs once per pass.
+_LAST_PACKED: tuple[Any, Any, list[tuple[int, int]]] | None = None
+
+
+def _packed_segments(query: Any, key: Any, mask: Any, positions: Any) -> list[tuple[int, int]] | None:
+    """The examples of a packed row as (start, end) spans, if ``mask`` is exactly their block-diagonal causal mask.
+
+    A packed row is one row of several examples whose position ids restart at 0 (the training engine's
+    padding-free batches); transformers gives it a boolean mask in which each token attends to the tokens of its
+    own example up to itself. Anything else (several rows, a KV cache, sliding windows, padding) returns None.
+    """
+    global _LAST_PACKED
+    import torch
+
+    n = query.shape[2]
+    if (
+        query.shape[0] != 1
+        or key.shape[2] != n
+        or n < 2
+        or mask is None
+        or mask.dtype != torch.bool
+        or tuple(mask.shape) != (1, 1, n, n)
+        or positions is None
+        or tuple(positions.shape) != (1, n)
+    ):
+        return None
+    last = _LAST_PACKED
+    if last is not None and last[0]() is mask and last[1]() is positions:
+        return last[2]
+    pos = positions[0]
+    starts = (pos == 0).nonzero().flatten()
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None
+    bounds = [*starts.tolist(), n]
+    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:], strict=False)], device=pos.device)
+    example = torch.repeat_interleave(torch.arange(len(lengths), device=pos.device), lengths)
+    offsets = torch.repeat_interleave(starts, lengths)
+    if not torch.equal(pos, torch.arange(n, device=pos.device) - offsets):
+        return None
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    if not torch.equal(mask[0, 0], causal & (example[:, None] == example[None, :]).to(mask.device)):
+        return None
+    spans = list(zip(bounds, bounds[1:], strict=False))
+    _LAST_PACKED = (weakref.ref(mask), weakref.ref(positions), spans)
+    return spans
+
+
+class OneDNNWeight:
+    """oneDNN copies of a linear layer's weight: ``forward`` (W) and, for training, ``transposed`` (W^T).
+
+    ``signature`` is the weight's :func:`_signature` when the copies were made.
+    """
+
+    def __init__(self, weight: Any, transposed: bool) -> None:
+        self.signature = _signature(weight)
+        data = weight.detach()
+        self.forward = data.to_mkldnn()
+        self.transposed = data.t().contiguous().to_mkldnn() if transposed else None
+
+    def refresh(self, weight: Any) -> OneDNNWeight:
+        """These copies, remade first if ``weight`` has changed since they were made."""
+        if _signature(weight) != self.signature:
+            self.__init__(weight, self.transposed is not None)  # type: ignore[misc]
+        return self
+
+
+def _onednn_matmul(x: Any, weight: Any, bias: Any) -> Any:
+    """``x @ W^T + bias`` with ``weight`` a oneDNN copy of ``W``."""
+    pointwise = pointwise_linear_op()
+    if pointwise is not None:  # dense in, dense out: no layout conversion of the activations
+        return pointwise(x, weight, bias, "none", [], "")
+    import torch
+
+    return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), weight, bias).to_dense()
+
+
+@lru_cache(maxsize=1)
+def _frozen_linear() -> Any:
+    """An autograd function: a frozen linear layer on oneDNN, whose input gradient also runs on oneDNN."""
+    import torch
+
+    class FrozenLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, weight: Any, copies: OneDNNWeight, bias: Any) -> Any:
+            ctx.transposed = copies.transposed
+            ctx.save_for_backward(weight)
+            return _onednn_matmul(x, copies.forward, bias)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            (weight,) = ctx.saved_tensors
+            if torch.is_grad_enabled() or ctx.transposed is None:  # a differentiable gradient (create_graph)
+                return grad.matmul(weight), None, None, None
+            return _onednn_matmul(grad.contiguous(), ctx.transposed, None), None, None, None
+
+    return FrozenLinear
+
+
+def onednn_forward(linear: Any, copies: OneDNNWeight, min_rows: int, *, training: bool = False) -> Any:
+    """A forward for the ``nn.Linear`` ``linear`` that runs on oneDNN with ``copies`` of its weight.
+
+    With ``training``, the copies are checked against the weight at each call (remade if it changed) and a frozen
+    layer's input gradient runs on oneDNN too; otherwise the copies are taken as current (the weights do not
+    change while the engine generates) and anything that needs a gradient runs ``F.linear``.
+    """
     import torch
     import torch.nn.functional as F
 
-    pointwise = pointwise_linear_op()
-
     def forward(x: Any) -> Any:
-        if x.numel() // x.shape[-1] < min_rows or x.dtype != torch.float32 or torch.is_grad_enabled():
+        if x.numel() // x.shape[-1] < min_rows or x.dtype != torch.float32:
             return F.linear(x, linear.weight, linear.bias)
-        if pointwise is not None:  # dense in, dense out: no layout conversion of the activations
-            return pointwise(x, weight, linear.bias, "none", [], "")
-        return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), weight, linear.bias).to_dense()
+        if torch.is_grad_enabled():
+            bias = linear.bias
+            if not training or linear.weight.requires_grad or (bias is not None and bias.requires_grad):
+                return F.linear(x, linear.weight, bias)
+            current = copies.refresh(linear.weight)
+            if x.requires_grad:
+                return _frozen_linear().apply(x, linear.weight, current, bias)
+            return _onednn_matmul(x, current.forward, bias)
+        return _onednn_matmul(x, (copies.refresh(linear.weight) if training else copies).forward, linear.bias)
 
     return forward
 
@@ -132,28 +273,39 @@ def pointwise_linear_op() -> Any:
     return None
 
 
-# oneDNN copy of each converted layer's weight, with the weight's signature when it was made (keyed by layer:
-# tensors cannot be dictionary keys, their == is elementwise)
-_ONEDNN_WEIGHTS: WeakKeyDictionary[Any, tuple[tuple[int, int, float], Any]] = WeakKeyDictionary()
+# oneDNN copies of each converted layer's weight (keyed by layer: tensors cannot be dictionary keys, their == is
+# elementwise)
+_ONEDNN_WEIGHTS: WeakKeyDictionary[Any, OneDNNWeight] = WeakKeyDictionary()
 # elements of a weight summed into its signature
 _SIGNATURE_SAMPLES = 4096
 
 
-def _onednn_weights(linears: list[Any]) -> dict[Any, Any] | None:
-    """The ``linears``' weights in oneDNN's layout (cached), or None when oneDNN is missing or memory is short."""
+def _onednn_weights(linears: list[Any], transposed: bool = False) -> dict[Any, OneDNNWeight] | None:
+    """The ``linears``' weights in oneDNN's layout (cached), or None when oneDNN is missing or memory is short.
+
+    With ``transposed``, each also has the transposed copy that the input gradient needs.
+    """
     import psutil
     import torch
 
     if not torch.backends.mkldnn.is_available():
         return None
-    signatures = {m: _signature(m.weight) for m in linears}
-    stale = [m for m in linears if m not in _ONEDNN_WEIGHTS or _ONEDNN_WEIGHTS[m][0] != signatures[m]]
-    need = sum(m.weight.numel() * m.weight.element_size() for m in stale)
+
+    def current(m: Any) -> bool:
+        have = _ONEDNN_WEIGHTS.get(m)
+        return (
+            have is not None
+            and have.signature == _signature(m.weight)
+            and (have.transposed is not None or not transposed)
+        )
+
+    stale = [m for m in linears if not current(m)]
+    need = sum(m.weight.numel() * m.weight.element_size() for m in stale) * (2 if transposed else 1)
     if need > ONEDNN_MEMORY_FRACTION * psutil.virtual_memory().available:
         return None
     for m in stale:
-        _ONEDNN_WEIGHTS[m] = (signatures[m], m.weight.detach().to_mkldnn())
-    return {m: _ONEDNN_WEIGHTS[m][1] for m in linears}
+        _ONEDNN_WEIGHTS[m] = OneDNNWeight(m.weight, transposed)
+    return {m: _ONEDNN_WEIGHTS[m] for m in linears}
 
 
 def _signature(weight: Any) -> tuple[int, int, float]:
@@ -168,7 +320,7 @@ def _signature(weight: Any) -> tuple[int, int, float]:
     return (weight._version, weight.data_ptr(), float(sample.double().sum()))
 
 
-def _fast_linears(base: Any) -> list[tuple[Any, Any]]:
+def _fast_linears(base: Any, training: bool = False) -> list[tuple[Any, Any]]:
     """(module, forward) for each linear layer of ``base`` that a faster kernel serves (see the module docstring)."""
     import torch
 
@@ -179,21 +331,42 @@ def _fast_linears(base: Any) -> list[tuple[Any, Any]]:
         if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 and "forward" not in vars(m)
     ]
     large = [m for m in plain if m.out_features >= ONEDNN_MIN_OUT and m.in_features >= ONEDNN_MIN_IN]
-    onednn = _onednn_weights(large) if large else None
+    if training:  # trained layers keep F.linear: only frozen ones are worth a copy
+        large = [m for m in large if not m.weight.requires_grad]
+    onednn = _onednn_weights(large, transposed=training) if large else None
     if onednn is None:
         return []
-    return [(m, onednn_forward(m, w, 1 if m is head else ONEDNN_MIN_ROWS)) for m, w in onednn.items()]
+    return [
+        (m, onednn_forward(m, w, 1 if m is head else ONEDNN_MIN_ROWS, training=training)) for m, w in onednn.items()
+    ]
 
 
 @contextmanager
 def cpu_decoding(model: Any) -> Iterator[None]:
-    """Within the block, ``model`` decodes with the kernels of this module (CPU only; see the module docstring).
+    """Within the block, ``model`` generates with the kernels of this module (CPU only; see the module docstring).
 
     Each part applies only where it is safe (see the module docstring); the model is restored on exit, also when
     the block raises. Nested or concurrent blocks on one model are harmless: an inner block finds the model
     switched and leaves it alone, and whichever block ends first restores the plain kernels, which compute the
     same attention and logits up to fp32 rounding.
     """
+    with _switched(model, training=False):
+        yield
+
+
+@contextmanager
+def cpu_training(model: Any) -> Iterator[None]:
+    """Within the block, ``model`` trains with the kernels of this module (CPU only; see the module docstring).
+
+    As :func:`cpu_decoding`, and the frozen linear layers also compute their input gradient on oneDNN. Weights may
+    change inside the block (the optimizer, a hook's perturbation): each call checks its layer's copies.
+    """
+    with _switched(model, training=True):
+        yield
+
+
+@contextmanager
+def _switched(model: Any, training: bool) -> Iterator[None]:
     param = next(model.parameters(), None)
     if param is None or param.device.type != "cpu":
         yield
@@ -206,7 +379,7 @@ def cpu_decoding(model: Any) -> Iterator[None]:
         and getattr(config, "_attn_implementation", None) == "sdpa"
         and not getattr(config, "sub_configs", None)
     )
-    linears = _fast_linears(base)
+    linears = _fast_linears(base, training)
     if swap_attention:
         _register()
         config._attn_implementation = BACKEND
@@ -232,9 +405,9 @@ def _sdpa_forward() -> Any:
 
 @lru_cache(maxsize=1)
 def _register() -> None:
-    """Register :func:`decode_attention` (with SDPA's mask builder) under :data:`BACKEND`, once per process."""
+    """Register :func:`cpu_attention` (with SDPA's mask builder) under :data:`BACKEND`, once per process."""
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 
-    AttentionInterface.register(BACKEND, decode_attention)
+    AttentionInterface.register(BACKEND, cpu_attention)
     AttentionMaskInterface.register(BACKEND, sdpa_mask)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from tunesec.data.schema import Example
 from tunesec.errors import UsageError
+from tunesec.models.cpu_kernels import cpu_training
 from tunesec.store.atomic import atomic_write_json
 from tunesec.training.collate import (
     chat_renderer,
@@ -234,7 +235,8 @@ def train(
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        with cpu_training(trainable):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     finally:
         callback.close()
         for hook in hooks:
