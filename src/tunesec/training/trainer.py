@@ -50,8 +50,12 @@ def lm_loss_sum(
         idx = keep.any(dim=0).nonzero().squeeze(-1)
         outputs = model(input_ids=batch["input_ids"], logits_to_keep=idx, use_cache=False, **kwargs)
         row_keep = keep[:, idx]
-        logits = outputs.logits[row_keep]
-        tgt = targets[:, idx][row_keep]
+        if bool(row_keep.all()):  # one packed row: every kept position counts; a view, no copy of the logits
+            logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+            tgt = targets[:, idx].reshape(-1)
+        else:
+            logits = outputs.logits[row_keep]
+            tgt = targets[:, idx][row_keep]
     else:
         outputs = model(input_ids=batch["input_ids"], use_cache=False, **kwargs)
         logits = outputs.logits[:, :-1][keep]
