@@ -2,11 +2,14 @@
 
 Both train LoRA (r=8, alpha=16, all attention + MLP projections) with batch size 8 on the same Alpaca
 examples (chat-formatted, ~110 tokens each, loss on the answer only), fp32, no gradient checkpointing, no bf16.
-Each trainer runs in its own subprocess so the peak RSS is its own. Tokens/s counts real (non-pad) tokens of
+The engine also runs without its CPU kernels (tunesec.models.cpu_kernels.cpu_training: oneDNN for the frozen
+linear layers, per-example attention over packed rows), to show what they add. Each run is its own subprocess,
+so the peak RSS is its own; ``--rounds R`` repeats the two engine runs R times, alternating, and reports medians
+(the machine's speed drifts between runs). Tokens/s counts real (non-pad) tokens of
 the examples trained on, over the time of the training loop (dataset preparation excluded for both).
 
 Usage:
-    python benchmarks/training.py [--model smollm2-135m] [--steps 20] [--batch-size 8] [--no-write]
+    python benchmarks/training.py [--model smollm2-135m] [--steps 20] [--batch-size 8] [--rounds 1] [--no-write]
 
 Prints a table and appends a ``## Training — <date> — <machine>`` section to BENCHMARKS.md.
 """
@@ -56,9 +59,15 @@ def load_examples(tokenizer, n: int, lo: int, hi: int):
     return out
 
 
-def run_engine(model_spec: str, steps: int, batch: int, lo: int, hi: int) -> dict:
+def run_engine(model_spec: str, steps: int, batch: int, lo: int, hi: int, kernels: bool = True) -> dict:
+    import contextlib
+
+    import tunesec.training.engine as engine
     from tunesec.models import load_model
     from tunesec.training import TrainConfig, train
+
+    if not kernels:
+        engine.cpu_training = lambda model: contextlib.nullcontext()
 
     loaded = load_model(model_spec, device="cpu")
     data = load_examples(loaded.tokenizer, steps * batch, lo, hi)
@@ -133,8 +142,11 @@ def run_sft(model_spec: str, steps: int, batch: int, lo: int, hi: int) -> dict:
 
 
 def child(which: str, args: argparse.Namespace) -> None:
-    fn = run_engine if which == "engine" else run_sft
-    res = fn(args.model, args.steps, args.batch_size, args.min_tokens, args.max_tokens)
+    spec = (args.model, args.steps, args.batch_size, args.min_tokens, args.max_tokens)
+    if which == "sft":
+        res = run_sft(*spec)
+    else:
+        res = run_engine(*spec, kernels=which == "engine")
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["threads"] = __import__("torch").get_num_threads()
     print("RESULT " + json.dumps(res))
@@ -147,14 +159,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-tokens", type=int, default=90)
     p.add_argument("--max-tokens", type=int, default=130)
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of the two engine runs (medians)")
     p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
-    p.add_argument("--child", choices=["engine", "sft"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["engine", "engine-plain", "sft"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.child, args)
         return
-    results = {}
-    for which in ("sft", "engine"):
+    runs: dict[str, list[dict]] = {"sft": [], "engine-plain": [], "engine": []}
+    for which in ["sft"] + ["engine-plain", "engine"] * args.rounds:
         cmd = [
             sys.executable,
             __file__,
@@ -175,10 +188,14 @@ def main() -> None:
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
-        results[which] = json.loads(line[len("RESULT ") :])
-    for r in results.values():
-        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        res = json.loads(line[len("RESULT ") :])
+        res["tokens_per_s"] = res["tokens"] / res["seconds"]
+        runs[which].append(res)
+        print(f"{which}: {res['tokens_per_s']:.0f} tokens/s", flush=True)
+    # the median run by speed (a real run, not an average; of an even count the faster middle one)
+    results = {k: sorted(v, key=lambda r: r["tokens_per_s"])[len(v) // 2] for k, v in runs.items()}
     speedup = results["engine"]["tokens_per_s"] / results["sft"]["tokens_per_s"]
+    kernels_gain = results["engine"]["tokens_per_s"] / results["engine-plain"]["tokens_per_s"]
     rows = [
         ("trainer", "tokens", "seconds", "tokens/s", "peak RSS MiB", "final loss"),
         *[
@@ -190,7 +207,11 @@ def main() -> None:
                 f"{r['peak_rss_mib']:.0f}",
                 f"{r['loss_last']:.3f}",
             )
-            for name, r in (("TRL SFTTrainer", results["sft"]), ("tunesec engine", results["engine"]))
+            for name, r in (
+                ("TRL SFTTrainer", results["sft"]),
+                ("tunesec engine, plain kernels", results["engine-plain"]),
+                ("tunesec engine", results["engine"]),
+            )
         ],
     ]
     table = "\n".join("| " + " | ".join(row) + " |" for row in rows[:1])
@@ -199,7 +220,17 @@ def main() -> None:
     summary = (
         f"Model `{args.model}`, LoRA r=8/alpha=16 on {', '.join(TARGETS)}, batch {args.batch_size}, "
         f"{args.steps} steps, examples of {args.min_tokens}-{args.max_tokens} tokens (Alpaca 1k, chat template), "
-        f"fp32, torch threads {results['engine']['threads']}. Speed-up: **{speedup:.2f}x** tokens/s."
+        f"fp32, torch threads {results['engine']['threads']}. Speed-up: **{speedup:.2f}x** tokens/s over "
+        f"SFTTrainer; the CPU kernels: {kernels_gain:.2f}x over the engine without them"
+        + (
+            f" (engine rows: the median of {args.rounds} alternating rounds; tokens/s "
+            + ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs["engine"])
+            + " vs "
+            + ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs["engine-plain"])
+            + ")."
+            if args.rounds > 1
+            else "."
+        )
     )
     print(table)
     print(summary)
