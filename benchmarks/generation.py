@@ -107,19 +107,19 @@ def hf_loop(lm, texts: list[str], max_new: int) -> tuple[list[str], int, float]:
 
 def kernels_ab(engine: HFGenerator, texts: list[str], cfg: GenerationConfig, rounds: int) -> list[tuple[str, str]]:
     """Alternating runs of the engine with and without its CPU decoding kernels; median tok/s of each."""
-    real = generation.cpu_decoding
+    real = generation.cpu_inference
     rates: dict[str, list[float]] = {"on": [], "off": []}
     outs: dict[str, list[str]] = {}
     try:
         for _ in range(rounds):
             for mode in ("off", "on"):
-                generation.cpu_decoding = real if mode == "on" else (lambda model: contextlib.nullcontext())
+                generation.cpu_inference = real if mode == "on" else (lambda model: contextlib.nullcontext())
                 t = time.perf_counter()
                 gens = engine.generate(texts, cfg, progress=False)
                 rates[mode].append(sum(g.completion_tokens for g in gens) / (time.perf_counter() - t))
                 outs[mode] = [g.text for g in gens]
     finally:
-        generation.cpu_decoding = real
+        generation.cpu_inference = real
     on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
     same = sum(a == b for a, b in zip(outs["on"], outs["off"], strict=True))
     runs = ", ".join(f"{r:.0f}" for r in rates["on"]) + " vs " + ", ".join(f"{r:.0f}" for r in rates["off"])

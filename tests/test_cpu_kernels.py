@@ -85,22 +85,22 @@ def _all_on_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "ONEDNN_MIN_ROWS", 1)
 
 
-def test_cpu_decoding_switches_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_inference_switches_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
     _all_on_onednn(monkeypatch)
     model = _loaded().model
     head = model.get_output_embeddings()
     assert model.config._attn_implementation == "sdpa"
-    with kernels.cpu_decoding(model):
+    with kernels.cpu_inference(model):
         assert model.config._attn_implementation == kernels.BACKEND
         assert "forward" in vars(head)
     assert model.config._attn_implementation == "sdpa"
     assert "forward" not in vars(head)
-    with pytest.raises(RuntimeError, match="boom"), kernels.cpu_decoding(model):
+    with pytest.raises(RuntimeError, match="boom"), kernels.cpu_inference(model):
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     assert "forward" not in vars(head)
     model.config._attn_implementation = "eager"  # a user's choice of kernel is left alone
-    with kernels.cpu_decoding(model):
+    with kernels.cpu_inference(model):
         assert model.config._attn_implementation == "eager"
 
 
@@ -187,7 +187,7 @@ def test_engine_output_unchanged_by_the_kernels(onednn: bool, monkeypatch: pytes
         kernels._register.cache_clear()
     assert calls["decode"] > 0
     assert (calls["linear"] > 0) == onednn
-    monkeypatch.setattr(generation, "cpu_decoding", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(generation, "cpu_inference", lambda model: contextlib.nullcontext())
     plain = [g.text for g in engine.generate(prompts, cfg, progress=False)]
     assert fast == plain
 
@@ -196,9 +196,9 @@ def test_nested_blocks_leave_the_model_restored(monkeypatch: pytest.MonkeyPatch)
     _all_on_onednn(monkeypatch)
     model = _loaded().model
     head = model.get_output_embeddings()
-    outer = kernels.cpu_decoding(model)
+    outer = kernels.cpu_inference(model)
     outer.__enter__()
-    with kernels.cpu_decoding(model):  # finds the model switched: changes nothing
+    with kernels.cpu_inference(model):  # finds the model switched: changes nothing
         assert model.config._attn_implementation == kernels.BACKEND
     assert model.config._attn_implementation == kernels.BACKEND and "forward" in vars(head)
     outer.__exit__(None, None, None)

@@ -114,7 +114,7 @@ def test_first_step_logits_match_within_fp32_tolerance(kernels: bool, monkeypatc
         mask[r, width - len(e) :] = 1
     from transformers import DynamicCache
 
-    fast = cpu_kernels.cpu_decoding(lm.model) if kernels else contextlib.nullcontext()
+    fast = cpu_kernels.cpu_inference(lm.model) if kernels else contextlib.nullcontext()
     with torch.inference_mode():
         with fast:
             batched = engine._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), DynamicCache())

@@ -60,6 +60,34 @@ def test_embedder_matches_sentence_transformers_pooling() -> None:
     assert np.allclose(alone[0], x[0], atol=1e-5)
 
 
+def test_embedder_kernels_change_no_embedding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU kernels (oneDNN linear layers) give the plain kernels' embeddings, and are really used."""
+    import contextlib
+    from collections.abc import Iterator
+
+    import torch
+
+    import tunesec.judges.classifier as classifier
+
+    emb = get_embedder()
+    texts = [c[0] for c in CASES] + [c[1] for c in CASES]
+    switched: list[bool] = []
+    real = classifier.cpu_inference
+
+    @contextlib.contextmanager
+    def spy(model: torch.nn.Module) -> Iterator[None]:
+        with real(model):
+            switched.append(any("forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear))
+            yield
+
+    monkeypatch.setattr(classifier, "cpu_inference", spy)
+    fast = emb.encode(texts)
+    assert switched == [True]
+    monkeypatch.setattr(classifier, "cpu_inference", lambda model: contextlib.nullcontext())
+    plain = emb.encode(texts)
+    assert np.allclose(fast, plain, atol=1e-5)
+
+
 def test_obvious_cases_are_classified() -> None:
     judge = get_judge("harm-classifier")
     scores = judge.score([JudgeInput(prompt=p, response=r) for p, r, _ in CASES])

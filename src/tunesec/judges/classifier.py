@@ -32,6 +32,7 @@ import numpy as np
 
 from tunesec.errors import UsageError
 from tunesec.judges.base import Judge, JudgeInput, Score
+from tunesec.models.cpu_kernels import cpu_inference
 from tunesec.registry import register
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class Embedder:
         if n == 0:
             return out
         order = sorted(range(n), key=lambda i: len(texts[i]) + (len(pairs[i]) if pairs is not None else 0))
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), cpu_inference(self.model):
             for start in range(0, n, self.batch_size):
                 idx = order[start : start + self.batch_size]
                 first = [texts[i] for i in idx]

@@ -7,7 +7,7 @@ places where PyTorch's default CPU kernels leave speed unused:
   best and 155-185 on the model's projections at 64 rows (118 on the 576 x 49,152 LM head). oneDNN's matmul
   (``torch.ops.mkldnn._linear_pointwise``, the op torch's inductor compiles linear layers to) with the weight
   converted once to oneDNN's layout reaches ~450 GFLOP/s on this machine: at 64 rows it runs the projections
-  1.3-2.2x faster and the LM head 2.7x, at 500-1,024 rows (prefill, a training batch) ~2.2x. :func:`cpu_decoding`
+  1.3-2.2x faster and the LM head 2.7x, at 500-1,024 rows (prefill, a training batch) ~2.2x. :func:`cpu_inference`
   and :func:`cpu_training` route every plain fp32 ``nn.Linear`` with at least :data:`ONEDNN_MIN_OUT` outputs and
   :data:`ONEDNN_MIN_IN` inputs there, for inputs of at least :data:`ONEDNN_MIN_ROWS` rows (any row count for the
   LM head, ~3x faster even at one row; fewer rows stay on MKL, which is as fast or faster there). In training
@@ -31,7 +31,7 @@ places where PyTorch's default CPU kernels leave speed unused:
 blocks, and hands everything else (prefill of padded batches, soft-capping, position biases, a mask it does not
 recognise) to transformers' own SDPA function.
 
-:func:`cpu_decoding` and :func:`cpu_training` switch these on for the duration of a ``with`` block and restore the
+:func:`cpu_inference` and :func:`cpu_training` switch these on for the duration of a ``with`` block and restore the
 model afterwards. They do nothing on GPUs, leave attention alone on models whose attention is not dispatched
 through transformers' attention interface or that do not use SDPA, and leave alone any layer that is not a plain
 fp32 ``nn.Linear`` (the frozen base layer inside a LoRA layer qualifies; low-rank adapter matrices under the size
@@ -342,8 +342,10 @@ def _fast_linears(base: Any, training: bool = False) -> list[tuple[Any, Any]]:
 
 
 @contextmanager
-def cpu_decoding(model: Any) -> Iterator[None]:
-    """Within the block, ``model`` generates with the kernels of this module (CPU only; see the module docstring).
+def cpu_inference(model: Any) -> Iterator[None]:
+    """Within the block, ``model`` runs inference (generation, scoring, embedding) with the kernels of this module.
+
+    CPU only; see the module docstring.
 
     Each part applies only where it is safe (see the module docstring); the model is restored on exit, also when
     the block raises. Nested or concurrent blocks on one model are harmless: an inner block finds the model
@@ -358,7 +360,7 @@ def cpu_decoding(model: Any) -> Iterator[None]:
 def cpu_training(model: Any) -> Iterator[None]:
     """Within the block, ``model`` trains with the kernels of this module (CPU only; see the module docstring).
 
-    As :func:`cpu_decoding`, and the frozen linear layers also compute their input gradient on oneDNN. Weights may
+    As :func:`cpu_inference`, and the frozen linear layers also compute their input gradient on oneDNN. Weights may
     change inside the block (the optimizer, a hook's perturbation): each call checks its layer's copies.
     """
     with _switched(model, training=True):

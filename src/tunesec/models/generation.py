@@ -33,7 +33,7 @@ from typing import Any
 from rich.markup import escape
 
 from tunesec.models.chat import ChatFormatter
-from tunesec.models.cpu_kernels import cpu_decoding
+from tunesec.models.cpu_kernels import cpu_inference
 from tunesec.models.loading import LoadedModel
 from tunesec.models.types import Generation, GenerationConfig, Prompt, as_chat
 from tunesec.progress import make_progress
@@ -107,7 +107,7 @@ class HFGenerator:
             pending = list(order)
             while pending:
                 try:
-                    with torch.inference_mode(), cpu_decoding(self.model):
+                    with torch.inference_mode(), cpu_inference(self.model):
                         _Decoder(self, encoded, cfg, batch_size).run(pending, finished)
                 except (torch.OutOfMemoryError, RuntimeError) as err:
                     if "out of memory" not in str(err).lower() or batch_size == 1:
@@ -163,7 +163,7 @@ class HFGenerator:
         logprob: dict[tuple[int, int], float] = {}
         device = next(self.model.parameters()).device
         started = time.perf_counter()
-        with make_progress(enabled=progress) as bar, cpu_decoding(self.model):
+        with make_progress(enabled=progress) as bar, cpu_inference(self.model):
             task = bar.add_task(f"score choices {escape(self.name)}", total=len(rows), info="")
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
