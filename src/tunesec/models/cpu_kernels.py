@@ -396,6 +396,9 @@ def _switched(model: Any, training: bool) -> Iterator[None]:
         for module, forward in linears:
             if vars(module).get("forward") is forward:
                 del module.forward
+            copies = _ONEDNN_WEIGHTS.get(module)
+            if training and copies is not None:  # the transposed copies serve gradients only: free them
+                copies.transposed = None
 
 
 @lru_cache(maxsize=1)
