@@ -281,6 +281,32 @@ def test_frozen_linear_forward_and_input_gradient_on_onednn() -> None:
     assert linear.weight.grad is not None
 
 
+@pytest.mark.parametrize(("out_features", "in_features"), [(8, 48), (48, 8), (160, 144)])
+def test_trained_linear_gradients_match_linear(out_features: int, in_features: int) -> None:
+    """LoRA's A (few outputs) and B (few inputs), and a layer large enough for oneDNN's weight gradient."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features)
+    forward = kernels.trained_forward(linear, min_rows=1)
+    x = torch.randn(3, 7, in_features, requires_grad=True)
+    params = (x, linear.weight, linear.bias)
+    got = forward(x)
+    grads = torch.autograd.grad(got.square().sum(), params)
+    want = F.linear(x, linear.weight, linear.bias)
+    want_grads = torch.autograd.grad(want.square().sum(), params)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    # second order (create_graph): the plain products
+    (g1,) = torch.autograd.grad(forward(x).square().sum(), linear.weight, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.sum(), x)
+    (w1,) = torch.autograd.grad(
+        F.linear(x, linear.weight, linear.bias).square().sum(), linear.weight, create_graph=True
+    )
+    (w2,) = torch.autograd.grad(w1.sum(), x)
+    torch.testing.assert_close(g2, w2, atol=1e-4, rtol=1e-4)
+
+
 def test_training_copies_follow_weight_changes() -> None:
     linear = torch.nn.Linear(32, 64).requires_grad_(False)
     copies = kernels._onednn_weights([linear], transposed=True)[linear]
@@ -293,8 +319,9 @@ def test_training_copies_follow_weight_changes() -> None:
     torch.testing.assert_close(grad, linear.weight.sum(0).expand(4, 32), atol=1e-5, rtol=1e-5)
 
 
-def test_training_matches_plain_kernels(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine's LoRA run with the CPU kernels (every tiny layer on oneDNN, packed attention) as without."""
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_matches_plain_kernels(method: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's run with the CPU kernels (every tiny layer on oneDNN, packed attention) as without."""
     import tunesec.training.engine as engine
     from test_training_fixtures import make_loaded, memorise_set
     from tunesec.training import TrainConfig, train
@@ -317,12 +344,15 @@ def test_training_matches_plain_kernels(tmp_path: Any, monkeypatch: pytest.Monke
         return real_matmul(x, weight, bias)
 
     monkeypatch.setattr(kernels, "_onednn_matmul", spy_matmul)
-    cfg = TrainConfig(method="lora", max_steps=3, per_device_batch_size=4, learning_rate=1e-2, save_steps=0)
+    cfg = TrainConfig(method=method, max_steps=3, per_device_batch_size=4, learning_rate=1e-2, save_steps=0)
     fast = train(make_loaded(), memorise_set(8), cfg, out_dir=tmp_path / "fast", progress=False)
     assert any(packed_calls), "transformers' packed mask never reached the packed path"
     assert all(packed_calls)
     vocab, hidden = fast.model.get_output_embeddings().weight.shape
-    assert (hidden, vocab) in shapes_used, "the LM head's input gradient did not run on oneDNN"
+    if method == "lora":  # the frozen LM head: forward and input gradient on oneDNN
+        assert (hidden, vocab) in shapes_used, "the LM head's input gradient did not run on oneDNN"
+    else:  # trained layers: weights converted at each call
+        assert len(shapes_used) > 0
     monkeypatch.setattr(engine, "cpu_training", lambda model: contextlib.nullcontext())
     plain = train(make_loaded(), memorise_set(8), cfg, out_dir=tmp_path / "plain", progress=False)
     assert fast.metrics.losses == pytest.approx(plain.metrics.losses, rel=1e-4)
@@ -330,5 +360,6 @@ def test_training_matches_plain_kernels(tmp_path: Any, monkeypatch: pytest.Monke
     for name, p in fast.model.named_parameters():
         torch.testing.assert_close(p, want[name], atol=1e-4, rtol=1e-3, msg=name)
     head = fast.model.get_output_embeddings()
-    assert "forward" not in vars(head)  # restored after training
-    assert kernels._ONEDNN_WEIGHTS[head].transposed is None  # the gradients' copies are freed
+    assert not [m for m in fast.model.modules() if "forward" in vars(m)]  # restored after training
+    if method == "lora":
+        assert kernels._ONEDNN_WEIGHTS[head].transposed is None  # the gradients' copies are freed

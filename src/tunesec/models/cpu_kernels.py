@@ -10,13 +10,14 @@ places where PyTorch's default CPU kernels leave speed unused:
   1.3-2.2x faster and the LM head 2.7x, at 500-1,024 rows (prefill, a training batch) ~2.2x. :func:`cpu_inference`
   and :func:`cpu_training` route every plain fp32 ``nn.Linear`` with at least :data:`ONEDNN_MIN_OUT` outputs and
   :data:`ONEDNN_MIN_IN` inputs there, for inputs of at least :data:`ONEDNN_MIN_ROWS` rows (any row count for the
-  LM head, ~3x faster even at one row; fewer rows stay on MKL, which is as fast or faster there). In training
-  only frozen layers qualify (the base layers under LoRA, the LM head): their forward runs on oneDNN and so does
-  the gradient of their input, with a second copy of the weight transposed; a layer whose weight or bias needs a
-  gradient keeps ``F.linear``. The converted weights are cached per layer (rebuilt when the weight changes, see
-  :func:`_signature`) and cost one more copy of those weights in memory (two in training); they are not built
-  when that would take more than :data:`ONEDNN_MEMORY_FRACTION` of the free memory. Results differ from MKL's by
-  fp32 rounding (~1e-6 relative).
+  LM head, ~3x faster even at one row; fewer rows stay on MKL, which is as fast or faster there). In training,
+  the frozen layers (the base layers under LoRA, the LM head) run their forward and the gradient of their input
+  on oneDNN, with a second copy of the weight transposed; the trained layers (LoRA's matrices, of any size, or
+  every layer of a full fine-tune) convert their weight at each call, and their weight gradient takes the fastest
+  product for its shape. The frozen layers' converted weights are cached per layer (rebuilt when the weight
+  changes, see :func:`_signature`) and cost one more copy of those weights in memory (two in training); they are
+  not built when that would take more than :data:`ONEDNN_MEMORY_FRACTION` of the free memory. Results differ
+  from MKL's by fp32 rounding (~1e-6 relative).
 - **Attention for one new token.** ``scaled_dot_product_attention`` with a padding mask runs its generic CPU kernel
   at ~15 GB/s over a KV cache that this machine reads at ~70 GB/s. Two batched matmuls do better, and best in
   the orientation ``keys @ queries^T`` (the cache's rows are the long side, the few query heads of a KV group the
@@ -232,6 +233,68 @@ def _frozen_linear() -> Any:
     return FrozenLinear
 
 
+@lru_cache(maxsize=1)
+def _trained_linear() -> Any:
+    """An autograd function: a trained linear layer on oneDNN (weights converted at each call, as they change).
+
+    The weight gradient takes the fastest product for its shape (measured on the target CPU): oneDNN when both
+    sides have at least :data:`ONEDNN_MIN_OUT` features, else MKL in the orientation whose result has the few
+    rows (a LoRA matrix: ``g^T x`` for ``A``, ``(x^T g)^T`` for ``B``; 1.1 vs 0.35 ms at 880 rows for B).
+    """
+    import torch
+
+    class TrainedLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, weight: Any, bias: Any) -> Any:
+            ctx.save_for_backward(x, weight)
+            ctx.has_bias = bias is not None
+            return _onednn_matmul(x, weight.detach().to_mkldnn(), bias)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            x, weight = ctx.saved_tensors
+            out_features, in_features = weight.shape
+            g = grad.reshape(-1, out_features)
+            rows = x.reshape(-1, in_features)
+            want_x, want_w, want_b = ctx.needs_input_grad
+            grad_b = g.sum(0) if want_b and ctx.has_bias else None
+            if torch.is_grad_enabled():  # a differentiable gradient (create_graph): the plain products
+                grad_x = grad.matmul(weight) if want_x else None
+                return grad_x, (g.t().matmul(rows) if want_w else None), grad_b
+            g = g.contiguous()
+            grad_x = None
+            if want_x:
+                grad_x = _onednn_matmul(g, weight.detach().t().contiguous().to_mkldnn(), None).reshape(x.shape)
+            grad_w = None
+            if want_w:
+                if min(out_features, in_features) >= ONEDNN_MIN_OUT:
+                    grad_w = _onednn_matmul(g.t().contiguous(), rows.t().contiguous().to_mkldnn(), None)
+                elif out_features <= in_features:
+                    grad_w = g.t().matmul(rows)
+                else:
+                    grad_w = rows.t().matmul(g).t().contiguous()
+            return grad_x, grad_w, grad_b
+
+    return TrainedLinear
+
+
+def trained_forward(linear: Any, min_rows: int) -> Any:
+    """A forward for the trained ``nn.Linear`` ``linear`` (a LoRA matrix, a fully fine-tuned layer) on oneDNN.
+
+    Inputs under ``min_rows`` rows, or not fp32, take ``F.linear``; so does a layer whose weight is no longer fp32.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def forward(x: Any) -> Any:
+        weight = linear.weight
+        if x.numel() // x.shape[-1] < min_rows or x.dtype != torch.float32 or weight.dtype != torch.float32:
+            return F.linear(x, weight, linear.bias)
+        return _trained_linear().apply(x, weight, linear.bias)
+
+    return forward
+
+
 def onednn_forward(linear: Any, copies: OneDNNWeight, min_rows: int, *, training: bool = False) -> Any:
     """A forward for the ``nn.Linear`` ``linear`` that runs on oneDNN with ``copies`` of its weight.
 
@@ -331,14 +394,18 @@ def _fast_linears(base: Any, training: bool = False) -> list[tuple[Any, Any]]:
         if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 and "forward" not in vars(m)
     ]
     large = [m for m in plain if m.out_features >= ONEDNN_MIN_OUT and m.in_features >= ONEDNN_MIN_IN]
-    if training:  # trained layers keep F.linear: only frozen ones are worth a copy
-        large = [m for m in large if not m.weight.requires_grad]
+    trained: list[tuple[Any, Any]] = []
+    if training:  # trained layers (any size: LoRA's matrices) convert their weight at each call
+        if torch.backends.mkldnn.is_available() and pointwise_linear_op() is not None:
+            trained = [(m, trained_forward(m, ONEDNN_MIN_ROWS)) for m in plain if m.weight.requires_grad]
+        large = [m for m in large if not m.weight.requires_grad]  # frozen ones get cached copies
     onednn = _onednn_weights(large, transposed=training) if large else None
     if onednn is None:
-        return []
-    return [
+        return trained
+    frozen = [
         (m, onednn_forward(m, w, 1 if m is head else ONEDNN_MIN_ROWS, training=training)) for m, w in onednn.items()
     ]
+    return frozen + trained
 
 
 @contextmanager
