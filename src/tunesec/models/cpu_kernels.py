@@ -188,7 +188,14 @@ class OneDNNWeight:
     ``signature`` is the weight's :func:`_signature` when the copies were made.
     """
 
+    signature: tuple[int, int, float]
+    forward: Any
+    transposed: Any
+
     def __init__(self, weight: Any, transposed: bool) -> None:
+        self._build(weight, transposed)
+
+    def _build(self, weight: Any, transposed: bool) -> None:
         self.signature = _signature(weight)
         data = weight.detach()
         self.forward = data.to_mkldnn()
@@ -197,7 +204,7 @@ class OneDNNWeight:
     def refresh(self, weight: Any) -> OneDNNWeight:
         """These copies, remade first if ``weight`` has changed since they were made."""
         if _signature(weight) != self.signature:
-            self.__init__(weight, self.transposed is not None)  # type: ignore[misc]
+            self._build(weight, self.transposed is not None)
         return self
 
 
