@@ -16,6 +16,7 @@ from tunesec.models import GenerationConfig
 from tunesec.models.generation import HFGenerator
 from tunesec.models.loading import LoadedModel
 from tunesec.models.ref import ModelRef
+from tunesec.training import TrainingHook
 
 
 class _Attn(torch.nn.Module):
@@ -319,9 +320,32 @@ def test_training_copies_follow_weight_changes() -> None:
     torch.testing.assert_close(grad, linear.weight.sum(0).expand(4, 32), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_training_matches_plain_kernels(method: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine's run with the CPU kernels (every tiny layer on oneDNN, packed attention) as without."""
+class FrozenNoise(TrainingHook):
+    """Perturbs every frozen weight around each micro-batch (Booster/Vaccine-style) and restores it after."""
+
+    def before_step(self, model: Any, inputs: Any) -> None:
+        self.saved = {}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if not p.requires_grad:
+                    self.saved[n] = p.detach().clone()
+                    p.add_(0.05 * torch.sign(p))
+
+    def after_step(self, model: Any) -> None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in self.saved:
+                    p.copy_(self.saved[n])
+
+
+@pytest.mark.parametrize(("method", "perturb"), [("lora", False), ("lora", True), ("full", False)])
+def test_training_matches_plain_kernels(
+    method: str, perturb: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's run with the CPU kernels (every tiny layer on oneDNN, packed attention) as without.
+
+    With ``perturb``, a hook changes the frozen weights (whose oneDNN copies are cached) before each micro-batch.
+    """
     import tunesec.training.engine as engine
     from test_training_fixtures import make_loaded, memorise_set
     from tunesec.training import TrainConfig, train
@@ -345,7 +369,8 @@ def test_training_matches_plain_kernels(method: str, tmp_path: Any, monkeypatch:
 
     monkeypatch.setattr(kernels, "_onednn_matmul", spy_matmul)
     cfg = TrainConfig(method=method, max_steps=3, per_device_batch_size=4, learning_rate=1e-2, save_steps=0)
-    fast = train(make_loaded(), memorise_set(8), cfg, out_dir=tmp_path / "fast", progress=False)
+    hooks = [FrozenNoise()] if perturb else []
+    fast = train(make_loaded(), memorise_set(8), cfg, out_dir=tmp_path / "fast", hooks=hooks, progress=False)
     assert any(packed_calls), "transformers' packed mask never reached the packed path"
     assert all(packed_calls)
     vocab, hidden = fast.model.get_output_embeddings().weight.shape
@@ -354,7 +379,8 @@ def test_training_matches_plain_kernels(method: str, tmp_path: Any, monkeypatch:
     else:  # trained layers: weights converted at each call
         assert len(shapes_used) > 0
     monkeypatch.setattr(engine, "cpu_training", lambda model: contextlib.nullcontext())
-    plain = train(make_loaded(), memorise_set(8), cfg, out_dir=tmp_path / "plain", progress=False)
+    hooks = [FrozenNoise()] if perturb else []
+    plain = train(make_loaded(), memorise_set(8), cfg, out_dir=tmp_path / "plain", hooks=hooks, progress=False)
     assert fast.metrics.losses == pytest.approx(plain.metrics.losses, rel=1e-4)
     want = dict(plain.model.named_parameters())
     for name, p in fast.model.named_parameters():
