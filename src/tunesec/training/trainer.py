@@ -50,7 +50,7 @@ def lm_loss_sum(
         idx = keep.any(dim=0).nonzero().squeeze(-1)
         outputs = model(input_ids=batch["input_ids"], logits_to_keep=idx, use_cache=False, **kwargs)
         row_keep = keep[:, idx]
-        if bool(row_keep.all()):  # one packed row: every kept position counts; a view, no copy of the logits
+        if bool(row_keep.all()):  # every row keeps every selected position (a packed row always does): a view
             logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
             tgt = targets[:, idx].reshape(-1)
         else:
