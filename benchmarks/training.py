@@ -67,7 +67,7 @@ def run_engine(model_spec: str, steps: int, batch: int, lo: int, hi: int, kernel
     from tunesec.training import TrainConfig, train
 
     if not kernels:
-        engine.cpu_training = lambda model: contextlib.nullcontext()
+        engine.cpu_training = lambda model, **kwargs: contextlib.nullcontext()
 
     loaded = load_model(model_spec, device="cpu")
     data = load_examples(loaded.tokenizer, steps * batch, lo, hi)

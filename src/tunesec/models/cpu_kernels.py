@@ -350,10 +350,11 @@ _ONEDNN_WEIGHTS: WeakKeyDictionary[Any, OneDNNWeight] = WeakKeyDictionary()
 _SIGNATURE_SAMPLES = 4096
 
 
-def _onednn_weights(linears: list[Any], transposed: bool = False) -> dict[Any, OneDNNWeight] | None:
+def _onednn_weights(linears: list[Any], transposed: bool = False, reserve: int = 0) -> dict[Any, OneDNNWeight] | None:
     """The ``linears``' weights in oneDNN's layout (cached), or None when oneDNN is missing or memory is short.
 
-    With ``transposed``, each also has the transposed copy that the input gradient needs.
+    With ``transposed``, each also has the transposed copy that the input gradient needs. ``reserve`` bytes of the
+    free memory are left out of the budget (what training itself is about to need).
     """
     import psutil
     import torch
@@ -371,7 +372,7 @@ def _onednn_weights(linears: list[Any], transposed: bool = False) -> dict[Any, O
 
     stale = [m for m in linears if not current(m)]
     need = sum(m.weight.numel() * m.weight.element_size() for m in stale) * (2 if transposed else 1)
-    if need > ONEDNN_MEMORY_FRACTION * psutil.virtual_memory().available:
+    if need > ONEDNN_MEMORY_FRACTION * (psutil.virtual_memory().available - reserve):
         return None
     for m in stale:
         _ONEDNN_WEIGHTS[m] = OneDNNWeight(m.weight, transposed)
@@ -390,7 +391,7 @@ def _signature(weight: Any) -> tuple[int, int, float]:
     return (weight._version, weight.data_ptr(), float(sample.double().sum()))
 
 
-def _fast_linears(base: Any, training: bool = False) -> list[tuple[Any, Any]]:
+def _fast_linears(base: Any, training: bool = False, reserve: int = 0) -> list[tuple[Any, Any]]:
     """(module, forward) for each linear layer of ``base`` that a faster kernel serves (see the module docstring)."""
     import torch
 
@@ -406,7 +407,7 @@ def _fast_linears(base: Any, training: bool = False) -> list[tuple[Any, Any]]:
         if torch.backends.mkldnn.is_available() and pointwise_linear_op() is not None:
             trained = [(m, trained_forward(m, ONEDNN_MIN_ROWS)) for m in plain if m.weight.requires_grad]
         large = [m for m in large if not m.weight.requires_grad]  # frozen ones get cached copies
-    onednn = _onednn_weights(large, transposed=training) if large else None
+    onednn = _onednn_weights(large, transposed=training, reserve=reserve) if large else None
     if onednn is None:
         return trained
     frozen = [
@@ -431,18 +432,19 @@ def cpu_inference(model: Any) -> Iterator[None]:
 
 
 @contextmanager
-def cpu_training(model: Any) -> Iterator[None]:
+def cpu_training(model: Any, reserve: int = 0) -> Iterator[None]:
     """Within the block, ``model`` trains with the kernels of this module (CPU only; see the module docstring).
 
     As :func:`cpu_inference`, and the frozen linear layers also compute their input gradient on oneDNN. Weights may
-    change inside the block (the optimizer, a hook's perturbation): each call checks its layer's copies.
+    change inside the block (the optimizer, a hook's perturbation): each call checks its layer's copies. The
+    copies' memory budget leaves out ``reserve`` bytes (the training's own estimated need).
     """
-    with _switched(model, training=True):
+    with _switched(model, training=True, reserve=reserve):
         yield
 
 
 @contextmanager
-def _switched(model: Any, training: bool) -> Iterator[None]:
+def _switched(model: Any, training: bool, reserve: int = 0) -> Iterator[None]:
     param = next(model.parameters(), None)
     if param is None or param.device.type != "cpu":
         yield
@@ -455,7 +457,7 @@ def _switched(model: Any, training: bool) -> Iterator[None]:
         and getattr(config, "_attn_implementation", None) == "sdpa"
         and not getattr(config, "sub_configs", None)
     )
-    linears = _fast_linears(base, training)
+    linears = _fast_linears(base, training, reserve)
     if swap_attention:
         _register()
         config._attn_implementation = BACKEND

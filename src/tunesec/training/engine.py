@@ -33,7 +33,7 @@ from tunesec.training.collate import (
 )
 from tunesec.training.config import TrainConfig
 from tunesec.training.hooks import Batch, HookContext, TrainingHook
-from tunesec.training.preflight import check_memory, drop_gguf_markers, trainable_count
+from tunesec.training.preflight import check_memory, drop_gguf_markers, trainable_count, training_memory
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
@@ -153,8 +153,10 @@ def train(
         torch.set_num_threads(config.num_threads)
     drop_gguf_markers(hf_model)
     targets = _resolve_targets(hf_model, config)
+    n_trainable = trainable_count(hf_model, config, targets)
     if config.check_memory:
-        check_memory(hf_model, config, encoded, trainable_count(hf_model, config, targets))
+        check_memory(hf_model, config, encoded, n_trainable)
+    reserve = training_memory(hf_model, config, encoded, n_trainable)  # kept free of the kernels' weight copies
     set_seed(config.seed)
     trainable = _prepare_method(hf_model, config, targets)
 
@@ -235,7 +237,7 @@ def train(
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     try:
-        with cpu_training(trainable):
+        with cpu_training(trainable, reserve=reserve):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     finally:
         callback.close()

@@ -55,6 +55,22 @@ def check_memory(model: Any, config: TrainConfig, encoded: Sequence[Encoded], tr
     import psutil
     import torch
 
+    need = training_memory(model, config, encoded, trainable)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free = int(torch.cuda.mem_get_info(device)[0])
+    else:
+        free = int(psutil.virtual_memory().available)
+    if need > free:
+        raise UsageError(
+            f"training: needs about {need / 2**30:.1f} GiB more memory than the {free / 2**30:.1f} GiB free on "
+            f"{device.type}; lower per_device_batch_size or max_seq_len, use method 'lora', or turn on "
+            "gradient_checkpointing (or set check_memory: false)"
+        )
+
+
+def training_memory(model: Any, config: TrainConfig, encoded: Sequence[Encoded], trainable: int) -> int:
+    """A rough estimate, in bytes, of the memory training needs beyond the loaded model."""
     cfg = model.config
     hidden = int(getattr(cfg, "hidden_size", 0) or 0)
     layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
@@ -68,15 +84,4 @@ def check_memory(model: Any, config: TrainConfig, encoded: Sequence[Encoded], tr
     # fp32 gradient + two AdamW moments per trainable weight; ~(10 hidden + 3 intermediate) floats saved per
     # token and layer for the backward pass (1 per layer with checkpointing); logits, softmax and grad.
     per_token_layer = hidden + 1 if config.gradient_checkpointing else 10 * hidden + 3 * inter
-    need = 12 * trainable + 4 * tokens * layers * per_token_layer + 12 * label_tokens * vocab
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        free = int(torch.cuda.mem_get_info(device)[0])
-    else:
-        free = int(psutil.virtual_memory().available)
-    if need > free:
-        raise UsageError(
-            f"training: needs about {need / 2**30:.1f} GiB more memory than the {free / 2**30:.1f} GiB free on "
-            f"{device.type}; lower per_device_batch_size or max_seq_len, use method 'lora', or turn on "
-            "gradient_checkpointing (or set check_memory: false)"
-        )
+    return int(12 * trainable + 4 * tokens * layers * per_token_layer + 12 * label_tokens * vocab)
