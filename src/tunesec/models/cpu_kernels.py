@@ -201,9 +201,13 @@ class OneDNNWeight:
         self.forward = data.to_mkldnn()
         self.transposed = data.t().contiguous().to_mkldnn() if transposed else None
 
+    def current(self, weight: Any, transposed: bool = False) -> bool:
+        """Whether these copies were made of ``weight`` as it is now (and include ``transposed`` if asked)."""
+        return self.signature == _signature(weight) and (self.transposed is not None or not transposed)
+
     def refresh(self, weight: Any) -> OneDNNWeight:
         """These copies, remade first if ``weight`` has changed since they were made."""
-        if _signature(weight) != self.signature:
+        if not self.current(weight):
             self._build(weight, self.transposed is not None)
         return self
 
@@ -313,17 +317,16 @@ def onednn_forward(linear: Any, copies: OneDNNWeight, min_rows: int, *, training
     import torch.nn.functional as F
 
     def forward(x: Any) -> Any:
+        weight, bias = linear.weight, linear.bias
         if x.numel() // x.shape[-1] < min_rows or x.dtype != torch.float32:
-            return F.linear(x, linear.weight, linear.bias)
-        if torch.is_grad_enabled():
-            bias = linear.bias
-            if not training or linear.weight.requires_grad or (bias is not None and bias.requires_grad):
-                return F.linear(x, linear.weight, bias)
-            current = copies.refresh(linear.weight)
-            if x.requires_grad:
-                return _frozen_linear().apply(x, linear.weight, current, bias)
-            return _onednn_matmul(x, current.forward, bias)
-        return _onednn_matmul(x, (copies.refresh(linear.weight) if training else copies).forward, linear.bias)
+            return F.linear(x, weight, bias)
+        grad = torch.is_grad_enabled()
+        if grad and (not training or weight.requires_grad or (bias is not None and bias.requires_grad)):
+            return F.linear(x, weight, bias)
+        current = copies.refresh(weight) if training else copies
+        if grad and x.requires_grad:
+            return _frozen_linear().apply(x, weight, current, bias)
+        return _onednn_matmul(x, current.forward, bias)
 
     return forward
 
@@ -362,15 +365,7 @@ def _onednn_weights(linears: list[Any], transposed: bool = False, reserve: int =
     if not torch.backends.mkldnn.is_available():
         return None
 
-    def current(m: Any) -> bool:
-        have = _ONEDNN_WEIGHTS.get(m)
-        return (
-            have is not None
-            and have.signature == _signature(m.weight)
-            and (have.transposed is not None or not transposed)
-        )
-
-    stale = [m for m in linears if not current(m)]
+    stale = [m for m in linears if m not in _ONEDNN_WEIGHTS or not _ONEDNN_WEIGHTS[m].current(m.weight, transposed)]
     need = sum(m.weight.numel() * m.weight.element_size() for m in stale) * (2 if transposed else 1)
     if need > ONEDNN_MEMORY_FRACTION * (psutil.virtual_memory().available - reserve):
         return None
