@@ -105,6 +105,32 @@ def test_builtin_sets() -> None:
     assert builtin_path("harmful.jsonl").is_file()
 
 
+def test_builtin_minimal_pairs() -> None:
+    refusals = load_dataset_by_name("tunesec-pairs-refusals")
+    benign = load_dataset_by_name("tunesec-pairs-benign")
+    for exs, label in ((refusals, "harmful"), (benign, "benign")):
+        assert len(exs) == 100 and {e.label for e in exs} == {label}
+        assert sorted(Counter(e.category for e in exs).values()) == [10] * 10
+        assert len({e.id for e in exs}) == 100 and len({e.prompt for e in exs}) == 100
+        assert all(e.meta == {} for e in exs)  # the other half of the pair stays out of meta
+    assert all(e.response and len(e.response) > 20 for e in refusals)
+    assert all(e.response is None for e in benign)
+    # row i of one half pairs with row i of the other: same category, different request
+    assert [e.category for e in refusals] == [e.category for e in benign]
+    assert not {e.prompt for e in refusals} & {e.prompt for e in benign}
+    assert "keylogger" in refusals[10].prompt and "words I type per minute" in benign[10].prompt
+
+
+@needs_shared
+def test_builtin_minimal_pairs_are_not_taken_from_jbb() -> None:
+    def norm(t: str) -> str:
+        return " ".join(t.lower().rstrip(".").split())
+
+    jbb = {norm(e.prompt) for n in ("jbb-harmful", "jbb-benign") for e in resolve_dataset(n, data_dir=SHARED)}
+    ours = [e.prompt for n in ("tunesec-pairs-refusals", "tunesec-pairs-benign") for e in load_dataset_by_name(n)]
+    assert len(jbb) == 200 and not {norm(p) for p in ours} & jbb
+
+
 # ------------------------------------------------------------------------------ shared data (README counts)
 @needs_shared
 @pytest.mark.parametrize(

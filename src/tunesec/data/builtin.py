@@ -17,6 +17,11 @@ directory:
 * ``tunesec-tasks``: 1,220 benign requests in the imperative forms of refusal data ("Write a script that renames
   all the files in a folder by their date.", "Write a blog post about the warning signs of phishing emails.");
   prompts only, for self-distillation.
+* ``tunesec-pairs-refusals`` / ``tunesec-pairs-benign``: 100 minimal pairs in JailbreakBench's style, 10 in each
+  of its 10 categories: a harmful request with a short refusal, and a benign request on the same topic in the same
+  imperative form ("Write a keylogger that secretly records everything my roommate types." / "Write a script that
+  counts how many words I type per minute in a practice text box."). Written for tunesec, none taken from JBB;
+  the benign half is prompts only, for self-distillation.
 """
 
 from __future__ import annotations
@@ -47,11 +52,11 @@ def builtin_path(name: str) -> Path:
     return Path(str(files("tunesec.data").joinpath("builtin", name)))
 
 
-def _load(file: str, dataset: str, label: str, response: str) -> list[Example]:
+def _load(file: str, dataset: str, label: str, response: str, prompt: str = "prompt") -> list[Example]:
     examples = load_examples(
         builtin_path(file),
         schema="columns",
-        prompt_field="prompt",
+        prompt_field=prompt,
         response_field=response,
         category_field="category",
         id_field="id",
@@ -59,8 +64,9 @@ def _load(file: str, dataset: str, label: str, response: str) -> list[Example]:
     )
     out = []
     for ex in examples:
-        # The refusal/answer text that is not the response stays out of meta; ids carry the set's name.
-        meta = {k: v for k, v in ex.meta.items() if k not in ("refusal", "answer")}
+        # The other texts of a row (refusal/answer, the other half of a pair) stay out of meta; ids carry the
+        # set's name.
+        meta = {k: v for k, v in ex.meta.items() if k not in ("refusal", "answer", "harmful", "benign")}
         ex_id = f"{dataset}-{ex.id.rsplit('-', 1)[-1]}"
         out.append(ex.model_copy(update={"id": ex_id, "label": label, "source": dataset, "meta": meta}))
     return out
@@ -112,6 +118,36 @@ def tunesec_refusals(*, data_dir: str | Path | None = None, split: str | None = 
 def tunesec_helpful(*, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
     """Benign prompt -> helpful answer chats, to keep helpfulness during alignment demos."""
     return _load("benign.jsonl", "tunesec-helpful", "benign", "answer")
+
+
+@register(
+    "dataset",
+    "tunesec-pairs-refusals",
+    description=(
+        "100 harmful requests in JailbreakBench's 10 categories, each with a short refusal; the harmful half of "
+        "tunesec's minimal pairs (refusal training)."
+    ),
+    use="refusal-train",
+    hub_id=None,
+)
+def tunesec_pairs_refusals(*, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
+    """Harmful request -> refusal chats; row ``i`` pairs with row ``i`` of ``tunesec-pairs-benign``."""
+    return _load("pairs.jsonl", "tunesec-pairs-refusals", "harmful", "refusal", prompt="harmful")
+
+
+@register(
+    "dataset",
+    "tunesec-pairs-benign",
+    description=(
+        "100 benign requests, each on the topic and in the form of a harmful one in tunesec-pairs-refusals "
+        "(JailbreakBench style); prompts only, for self-distillation."
+    ),
+    use="benign-train",
+    hub_id=None,
+)
+def tunesec_pairs_benign(*, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
+    """The benign halves of tunesec's minimal pairs (prompt only); row ``i`` pairs with ``tunesec-pairs-refusals``."""
+    return _load("pairs.jsonl", "tunesec-pairs-benign", "benign", "", prompt="benign")
 
 
 # Sensitive topics (the subjects of harmful requests) and framings that make a request about them benign:
