@@ -116,6 +116,17 @@ class MLPProbe:
     ) -> MLPProbe:
         """Fit on features ``x`` ``[n, d]`` and 0/1 labels ``y`` ``[n]``.
 
+        Args:
+            x: Training features.
+            y: Labels, 1 for the positive class.
+            hidden: Width of the hidden layer.
+            dropout: Dropout rate on the inputs and the hidden layer while training.
+            weight_decay: AdamW's decoupled weight decay.
+            epochs: Passes over the training set.
+            batch_size: Examples per optimizer step.
+            lr: AdamW's learning rate.
+            seed: Seed of the initial weights, the batch order and the dropout masks.
+
         Raises:
             ValueError: ``x`` is not 2-D, the lengths differ, ``y`` holds only one class, or ``dropout`` is
                 outside [0, 1).
