@@ -1,8 +1,9 @@
 """Named datasets: look one up by its registered name, or resolve a name-or-path spec.
 
 Importing this module registers every built-in dataset (``tunesec list datasets`` shows them with their use:
-harmful-eval, benign-eval, over-refusal, harmful-train, refusal-train, benign-train, utility). A dataset
-resolves from the local data directory first (``data_dir``, ``$TUNESEC_DATA`` or ``../shared/data``), then
+harmful-eval, benign-eval, over-refusal, harmful-train, refusal-train, benign-train, utility, judge-eval). A dataset
+resolves from the local data directory first (``data_dir``, ``$TUNESEC_DATA`` or ``../shared/data``), then from
+the evaluation sets shipped in the package (AdvBench, JBB-Behaviors, XSTest: ``data/builtin/eval``), then
 from the hub by its usual id; see :mod:`tunesec.data.sources`.
 
 Example:
@@ -15,7 +16,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from tunesec.data import builtin, safety_sets, task_sets  # noqa: F401  (importing registers the datasets)
+from tunesec.data import builtin, judge_sets, safety_sets, task_sets  # noqa: F401  (importing registers the datasets)
 from tunesec.data.loaders import load_examples
 from tunesec.data.schema import Example
 from tunesec.data.sources import sample_examples
