@@ -23,7 +23,9 @@ NAMED_FIX = FIX / "named"
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}")
 
-USES = {"harmful-eval", "benign-eval", "over-refusal", "harmful-train", "refusal-train", "benign-train", "utility"}
+USES = {
+    "harmful-eval", "benign-eval", "over-refusal", "harmful-train", "refusal-train", "benign-train", "utility", "judge-eval"
+}  # fmt: skip
 
 
 def test_registry_metadata() -> None:
@@ -273,8 +275,20 @@ def test_harmbench_fixture() -> None:
 # ------------------------------------------------------------------- hub schemas (no network: saved to disk)
 def test_hub_fallback_offline_is_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UsageError, match=r"dataset 'advbench': no local file .*walledai/AdvBench.*offline"):
-        load_dataset_by_name("advbench", data_dir=tmp_path)
+    with pytest.raises(UsageError, match=r"dataset 'beavertails-harmful-qa': no local file .*BeaverTails.*offline"):
+        load_dataset_by_name("beavertails-harmful-qa", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("name", "n"), [("advbench", 520), ("jbb-harmful", 100), ("jbb-benign", 100), ("xstest", 450)])
+def test_packaged_eval_sets_load_offline(name: str, n: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AdvBench, JBB-Behaviors and XSTest ship in the package: an empty data directory still has them."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    exs = load_dataset_by_name(name, data_dir=tmp_path)
+    assert len(exs) == n and all(e.prompt.strip() for e in exs)
+    from tunesec.data.sources import PACKAGED
+
+    licences = {p.parent.name for p in PACKAGED.glob("*/LICENSE")}
+    assert licences == {"advbench", "jailbreakbench", "xstest"}
 
 
 def test_hub_schemas_from_saved_datasets(tmp_path: Path) -> None:

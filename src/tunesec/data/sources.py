@@ -20,6 +20,9 @@ from tunesec.data.schema import Example
 from tunesec.errors import UsageError
 
 DATA_ENV = "TUNESEC_DATA"
+# Small permissively licensed evaluation sets shipped in the package (README.md there): the fallback when the data
+# directory does not have the file, before the hub.
+PACKAGED = Path(__file__).resolve().parent / "builtin" / "eval"
 
 
 def data_root(data_dir: str | Path | None = None) -> Path | None:
@@ -62,7 +65,7 @@ class Opened:
 
     name: str
     records: list[Record]
-    origin: str  # "path", "local" or "hub"
+    origin: str  # "path", "local", "package" or "hub"
 
 
 def open_source(
@@ -75,7 +78,7 @@ def open_source(
     split: str,
     column_names: Sequence[str] | None = None,
 ) -> Opened:
-    """Read the raw records of a named dataset from ``path``, the local data directory or the hub.
+    """Read the raw records of a named dataset from ``path``, the local data directory, the package or the hub.
 
     Args:
         dataset: Registered name, for error messages.
@@ -102,9 +105,14 @@ def open_source(
             name, records = read_records(file, column_names=column_names)
             return Opened(name, records, "local")
         looked = f"no local file {file}"
-    elif local is None:
+    if local is not None:
+        packaged = PACKAGED / local
+        if packaged.is_file():
+            name, records = read_records(packaged, column_names=column_names)
+            return Opened(name, records, "package")
+    if local is None:
         looked = f"no local copy of split {split!r}"
-    else:
+    elif root is None:
         looked = f"no local data directory (pass data_dir= or set {DATA_ENV})"
     if hub is None:
         raise UsageError(f"dataset {dataset!r}: {looked}, and it has no hub id; pass data_dir= or path=")
