@@ -219,3 +219,12 @@ def test_a_prefill_check_catches_shallow_alignment(tmp_path, home, tiny_llama_di
     assert plain.status == "inconclusive" and plain.observed == pytest.approx(0.0)
     assert by_name["prefill-compliance-increase"].status == "fail" and result.verdict.decision == "FAIL"
     assert by_name["prefill-compliance-increase"].observed == pytest.approx(1.0)
+
+
+def test_certify_over_refusal_check_samples_safe_prompts_only() -> None:
+    """A policy check `task: over-refusal, dataset: xstest` samples XSTest's safe prompts, as `tunesec eval` does."""
+    from tunesec.certify.runner import _load_sample
+    from tunesec.evals.tasks import get_task
+
+    sample = _load_sample("xstest", {}, None, 40, 0, get_task("over-refusal"))
+    assert len(sample) == 40 and all(e.label == "benign" for e in sample)

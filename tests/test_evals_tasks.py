@@ -257,3 +257,19 @@ def test_over_refusal_metrics() -> None:
     assert (m["refusal_rate"].k, m["refusal_rate"].n) == (3, 5)
     assert (m["full_refusal_rate"].k, m["partial_refusal_rate"].k) == (2, 1)
     assert (m["unparsed_rate"].k, m["unparsed_rate"].n) == (1, 6)
+
+
+def test_over_refusal_keeps_safe_prompts_whatever_the_subset() -> None:
+    """One place decides: XSTest loaded with every subset still gives over-refusal its 250 safe prompts only."""
+    from tunesec.data.named import load_dataset_by_name
+    from tunesec.errors import UsageError
+    from tunesec.evals.tasks import get_task
+
+    task = get_task("over-refusal")
+    every = load_dataset_by_name("xstest", subset="all")
+    safe = task.select(every, "xstest")
+    assert len(every) == 450 and len(safe) == 250 and all(e.label == "benign" for e in safe)
+    unsafe = load_dataset_by_name("xstest", subset="unsafe")
+    with pytest.raises(UsageError, match="only harmful-labelled prompts"):
+        task.select(unsafe, "xstest")
+    assert get_task("harmfulness").select(unsafe, "xstest") == unsafe

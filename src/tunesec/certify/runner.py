@@ -317,12 +317,14 @@ def _finetune_data(
 
 
 def _load_sample(
-    name: str, options: dict[str, Any], data_dir: str | Path | None, n: int | None, seed: int
+    name: str, options: dict[str, Any], data_dir: str | Path | None, n: int | None, seed: int, task: Any = None
 ) -> list[Example]:
     from tunesec.data import sample_examples
     from tunesec.evals.runner import load_eval_dataset
 
     examples = load_eval_dataset(name, options, data_dir)
+    if task is not None:
+        examples = task.select(examples, name)
     return examples if n is None else sample_examples(examples, n, seed=seed)
 
 
@@ -335,7 +337,7 @@ def _suites(pol: Policy, data_dir: str | Path | None) -> tuple[list[_Suite], lis
     for check in pol.checks:
         task = get_task(check.task, **check.task_options)
         try:
-            examples = _load_sample(check.dataset, check.dataset_options, data_dir, check.limit, pol.seed)
+            examples = _load_sample(check.dataset, check.dataset_options, data_dir, check.limit, pol.seed, task)
         except UsageError as err:
             if not check.skip_if_unavailable:
                 raise

@@ -289,6 +289,7 @@ def _resolve_dataset(
         options = dict(options or {})
         if not examples:
             raise UsageError("dataset: no examples")
+    examples = task.select(examples, name)
     seen: set[str] = set()
     for ex in examples:
         if ex.id in seen:

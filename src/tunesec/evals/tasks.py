@@ -67,6 +67,14 @@ class Task(ABC):
         """Generation length used when the caller gives none."""
         return self.max_new_tokens
 
+    def select(self, examples: Sequence[Example], dataset: str) -> list[Example]:
+        """The examples this task evaluates (all by default); every command applies it before sampling.
+
+        Raises:
+            UsageError: None of ``dataset``'s examples suits the task.
+        """
+        return list(examples)
+
     def build_prompts(self, examples: Sequence[Example]) -> list[Prompt]:
         """The chat sent to the model for each example (the example's prompt turns, unchanged by default)."""
         return [ex.prompt_chat() for ex in examples]
@@ -464,6 +472,19 @@ class OverRefusalTask(_JudgedTask):
     default_judge = "refusal-keywords"
     max_new_tokens = 128
     primary_metric = "refusal_rate"
+
+    def select(self, examples: Sequence[Example], dataset: str) -> list[Example]:
+        """Safe prompts only: examples labelled ``harmful`` (XSTest's unsafe contrast prompts) are left out.
+
+        The one place that decides, so ``eval``, ``certify`` and the API measure over-refusal on the same prompts
+        whatever subset the dataset was loaded with.
+        """
+        safe = [ex for ex in examples if ex.label != "harmful"]
+        if not safe:
+            raise UsageError(
+                f"task over-refusal: dataset {dataset} has only harmful-labelled prompts; expected safe prompts"
+            )
+        return safe
 
     def judgement(self, score: Score, response: str) -> Record:
         """The 3-way refusal label plus the judge's decisions."""
