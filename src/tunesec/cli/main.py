@@ -63,6 +63,7 @@ for _module in (
     "tunesec.cli.evaluate",
     "tunesec.cli.attack",
     "tunesec.cli.certify",
+    "tunesec.cli.judge_cmd",
 ):
     _register_optional(_module)
 
