@@ -80,3 +80,63 @@ def test_models_info_reports_architecture_and_hashes(tiny_llama_dir: Path, capsy
     assert info["model_type"] == "llama" and info["layers"] == 2
     assert info["chat_template"] == "model's own"
     assert len(info["weights_sha256"]) == 64
+
+
+def _command_paths() -> list[list[str]]:
+    """Every command of the typer app (walked, so that commands added later are covered too)."""
+    import typer
+
+    from tunesec.cli.main import app
+
+    root = typer.main.get_command(app)
+    out: list[list[str]] = []
+
+    def walk(cmd: object, path: list[str]) -> None:
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                walk(sub, [*path, name])
+        else:
+            out.append(path)
+
+    walk(root, [])
+    return out
+
+
+def test_every_command_rejects_an_unknown_option_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from tunesec.cli.main import main
+
+    paths = _command_paths()
+    assert ["judge"] in paths and ["eval"] in paths and ["models", "list"] in paths
+    for path in paths:
+        code = main([*path, "--no-such-option-xyz"])
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert code == 2, path
+        assert len(lines) == 1 and "Traceback" not in captured.err, (path, captured.err)
+        assert "--no-such-option-xyz" in lines[0], (path, lines[0])
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["evl"], "No such command 'evl'. Did you mean 'eval'?"),
+        (["eval", "x", "--limit", "0"], "'--limit'"),
+        (["eval"], "Missing argument 'model'"),
+        (["generate", "x", "--sample", "maybe"], "unexpected extra argument"),
+    ],
+)
+def test_parser_errors_are_one_line_exit_2(argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from tunesec.cli.main import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err
+
+
+def test_bare_command_shows_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from tunesec.cli.main import main
+
+    assert main([]) == 0
+    out = capsys.readouterr()
+    assert "Usage" in out.out and "Traceback" not in out.err

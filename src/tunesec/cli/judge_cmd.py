@@ -95,7 +95,7 @@ def judge_command(
         cm.add_row("label: no", str(a.fp), str(a.tn))
         console.print(cm)
         if a.unparsed:
-            err_console.print(f"{a.unparsed} rows unparsed: counted as mismatches, left out of the rates", soft_wrap=True)
+            err_console.print(f"{a.unparsed} rows unparsed: mismatches, not in the rates", soft_wrap=True)
     if out is not None:
         more = f" ({len(result.mismatches)} mismatches in mismatches.jsonl)" if a else ""
         console.print(f"wrote {out}/{more}", soft_wrap=True, highlight=False)

@@ -68,6 +68,33 @@ for _module in (
     _register_optional(_module)
 
 
+def _parser_exceptions() -> tuple[tuple[type[BaseException], ...], ...]:
+    """Exit, no-arguments-help, parser-error and abort classes of click and of typer's vendored click.
+
+    typer >= 0.16 raises its own copy of click's exceptions (``typer._click``), which ``click.ClickException``
+    does not catch; both are listed so that every parser error takes the one-line path.
+    """
+    exits: list[type[BaseException]] = [click.exceptions.Exit, typer.Exit]
+    no_args: list[type[BaseException]] = []
+    errors: list[type[BaseException]] = [click.ClickException]
+    aborts: list[type[BaseException]] = [click.exceptions.Abort, typer.Abort]
+    if hasattr(click.exceptions, "NoArgsIsHelpError"):
+        no_args.append(click.exceptions.NoArgsIsHelpError)
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        vendored = None
+    if vendored is not None:
+        errors.append(vendored.ClickException)
+        no_args.extend([c for c in (getattr(vendored, "NoArgsIsHelpError", None),) if c is not None])
+        exits.extend([c for c in (getattr(vendored, "Exit", None),) if c is not None])
+        aborts.extend([c for c in (getattr(vendored, "Abort", None),) if c is not None])
+    return tuple(exits), tuple(no_args), tuple(errors), tuple(aborts)
+
+
+_EXIT, _NO_ARGS, _CLICK_ERRORS, _ABORT = _parser_exceptions()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tunesec`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -78,13 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         result = app(args=args, prog_name="tunesec", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        return int(exc.exit_code)
-    except click.exceptions.Abort:
-        common.err_console.print("aborted")
+    except _EXIT as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except _NO_ARGS as exc:
+        # A bare command (``tunesec``, ``tunesec models``) asks for its help: show it, no error.
+        typer.echo(exc.format_message())
+        return 0
+    except _CLICK_ERRORS as exc:
+        if debug:
+            traceback.print_exc()
+        where = f"tunesec {exc.ctx.info_name}: " if getattr(exc, "ctx", None) is not None and exc.ctx.parent else ""
+        message = " ".join(str(exc.format_message()).split())
+        common.err_console.print(f"[bold red]error:[/] {escape(where + message)}", highlight=False, soft_wrap=True)
+        return 2
+    except _ABORT:
+        common.err_console.print("interrupted")
         return 130
     except UsageError as exc:
         if debug:
