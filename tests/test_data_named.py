@@ -24,7 +24,8 @@ NAMED_FIX = FIX / "named"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}")
 
 USES = {
-    "harmful-eval", "benign-eval", "over-refusal", "harmful-train", "refusal-train", "benign-train", "utility", "judge-eval"
+    "harmful-eval", "benign-eval", "over-refusal", "harmful-train", "refusal-train", "benign-train", "utility",
+    "judge-eval",
 }  # fmt: skip
 
 

@@ -56,7 +56,7 @@ BAD = {
     "empty response": ([{"prompt": "p", "response": "  "}], [], r"line 1: field 'response' is empty"),
     "long response": ([{"prompt": "p", "response": "x" * 100_000}], [], r"line 1: field 'response' has 100000 char"),
     "missing prompt": ([{"response": "r"}], [], r"line 1: missing field 'prompt'"),
-    "bad label": ([{"prompt": "p", "response": "r", "y": 2}], ["--labels", "y"], r"line 1: field 'y' is '2'; expected 0"),
+    "bad label": ([{"prompt": "p", "response": "r", "y": 2}], ["--labels", "y"], r"field 'y' is '2'; expected 0"),
     "missing label": ([{"prompt": "p", "response": "r"}], ["--labels", "y"], r"line 1: missing label field 'y'"),
     "not a string": ([{"prompt": "p", "response": 3}], [], r"field 'response' is a int; expected a string"),
     "label kind": ([{"prompt": "p", "response": "r", "y": 1}], ["--labels", "y", "--label-kind", "toxic"],

@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 import warnings
+from typing import Any
 
 import click
 import typer
@@ -80,10 +81,11 @@ def _parser_exceptions() -> tuple[tuple[type[BaseException], ...], ...]:
     aborts: list[type[BaseException]] = [click.exceptions.Abort, typer.Abort]
     if hasattr(click.exceptions, "NoArgsIsHelpError"):
         no_args.append(click.exceptions.NoArgsIsHelpError)
+    vendored: Any = None
     try:
         from typer._click import exceptions as vendored
     except ImportError:
-        vendored = None
+        pass
     if vendored is not None:
         errors.append(vendored.ClickException)
         no_args.extend([c for c in (getattr(vendored, "NoArgsIsHelpError", None),) if c is not None])
@@ -93,6 +95,11 @@ def _parser_exceptions() -> tuple[tuple[type[BaseException], ...], ...]:
 
 
 _EXIT, _NO_ARGS, _CLICK_ERRORS, _ABORT = _parser_exceptions()
+
+
+def _message(exc: BaseException) -> str:
+    fmt = getattr(exc, "format_message", None)
+    return str(fmt() if callable(fmt) else exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(getattr(exc, "exit_code", 0) or 0)
     except _NO_ARGS as exc:
         # A bare command (``tunesec``, ``tunesec models``) asks for its help: show it, no error.
-        typer.echo(exc.format_message())
+        typer.echo(_message(exc))
         return 0
     except _CLICK_ERRORS as exc:
         if debug:
             traceback.print_exc()
-        where = f"tunesec {exc.ctx.info_name}: " if getattr(exc, "ctx", None) is not None and exc.ctx.parent else ""
-        message = " ".join(str(exc.format_message()).split())
+        ctx: Any = getattr(exc, "ctx", None)
+        where = f"tunesec {ctx.info_name}: " if ctx is not None and ctx.parent is not None else ""
+        message = " ".join(_message(exc).split())
         common.err_console.print(f"[bold red]error:[/] {escape(where + message)}", highlight=False, soft_wrap=True)
         return 2
     except _ABORT:
