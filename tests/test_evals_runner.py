@@ -116,6 +116,7 @@ def test_evaluate_end_to_end(tmp_path: Path) -> None:
         assert key in rec
     assert EvalReport.load(run).metrics["harmful_rate"].value == pytest.approx(4 / 12)
     assert (run / "report.html").is_file()
+    assert "status finished" in (run / "report.html").read_text()  # rendered after the run was marked finished
     assert (run / "plots" / "harmful_rate_by_category.png").read_bytes()[:4] == b"\x89PNG"
 
 

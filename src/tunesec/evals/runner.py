@@ -239,11 +239,12 @@ def evaluate(
         run_dir=str(run.path),
     )
     run.write_json(METRICS_FILE, report.model_dump(mode="json"))
+    # Finished before the report is rendered, so that the report shows the run's final status.
+    run.finish()
     if html:
         from tunesec.evals.report import render_report
 
         render_report(run.path)
-    run.finish()
     return report
 
 
