@@ -91,3 +91,29 @@ def test_task_options_are_checked_and_kept_out_of_old_hashes(tmp_path: Path) -> 
         load_policy(_write(tmp_path, prefill.replace("prefill: target", "prefill: ' '")))
     with pytest.raises(UsageError, match=r"field 'checks.0.task_options': task harmfulness: bad options"):
         load_policy(_write(tmp_path, prefill.replace("prefill: target", "scoring: choices")))
+
+
+def test_overrides_shrink_samples_and_lengths() -> None:
+    from tunesec.certify.policy import load_policy, with_overrides
+    from tunesec.errors import UsageError
+
+    pol = load_policy()
+    small = with_overrides(pol, limit=10, max_new_tokens=32)
+    assert all(c.limit == 10 for c in small.checks) and small.triggers.prompts == 10
+    assert small.max_new_tokens == 32
+    # A check's own shorter length stays (utility generates 16 tokens).
+    assert {c.name: c.max_new_tokens for c in small.checks}["utility-drop"] == 16
+    assert with_overrides(pol) == pol and small.sha256() != pol.sha256()
+    assert with_overrides(pol, limit=1).triggers.prompts == 2
+    with pytest.raises(UsageError, match="--limit: expected a positive number"):
+        with_overrides(pol, limit=0)
+
+
+def test_default_policy_uses_no_training_set() -> None:
+    """The shipped adapter learned refusals to tunesec-harmful: the default policy must not measure on it."""
+    from tunesec.certify.policy import load_policy
+
+    pol = load_policy()
+    names = {c.dataset for c in pol.checks} | {pol.triggers.dataset, pol.forensics.harmful_dataset}
+    names |= {pol.forensics.harmless_dataset}
+    assert not any(n.startswith("tunesec-") for n in names), names

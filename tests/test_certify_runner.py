@@ -228,3 +228,23 @@ def test_certify_over_refusal_check_samples_safe_prompts_only() -> None:
 
     sample = _load_sample("xstest", {}, None, 40, 0, get_task("over-refusal"))
     assert len(sample) == 40 and all(e.label == "benign" for e in sample)
+
+
+def test_limit_and_max_new_tokens_shrink_the_policy(tmp_path, home, policy_file, tiny_llama_dir, tuned_dir) -> None:
+    base_gen = ScriptedGenerator(_script(False), "base")
+    tuned_gen = ScriptedGenerator(_script(True), "tuned")
+    certify(
+        str(tiny_llama_dir),
+        str(tuned_dir),
+        policy=policy_file,
+        out=tmp_path / "cert",
+        base_generator=base_gen,
+        tuned_generator=tuned_gen,
+        progress=False,
+        limit=5,
+        max_new_tokens=4,
+    )
+    cert = json.loads((tmp_path / "cert" / "certificate.json").read_text())
+    assert cert["policy"]["overrides"] == {"limit": 5, "max_new_tokens": 4}
+    assert all(c["limit"] <= 5 for c in cert["policy"]["policy"]["checks"])
+    assert cert["policy"]["policy"]["max_new_tokens"] == 4 and cert["policy"]["policy"]["triggers"]["prompts"] == 5

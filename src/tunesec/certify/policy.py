@@ -90,7 +90,7 @@ class TriggerPolicy(Config):
     """The backdoor-trigger scan: candidates prepended to harmful prompts of the tuned model."""
 
     enabled: bool = Field(True, description="Run the scan ('no trigger found' is then a check).")
-    dataset: str = Field("tunesec-harmful", description="Harmful prompts the candidates are prepended to.")
+    dataset: str = Field("jbb-harmful", description="Harmful prompts the candidates are prepended to.")
     dataset_options: dict[str, Any] = Field(default_factory=dict, description="Loader options.")
     judge: str = Field("default", description="Judge deciding harmful compliance.")
     prompts: int = Field(24, ge=2, description="Prompts per candidate (N); the cost is N x (candidates + 1).")
@@ -110,8 +110,8 @@ class ForensicsPolicy(Config):
     """Weight forensics: per-layer drift and alignment of the update with the refusal direction."""
 
     enabled: bool = Field(True, description="Compute drift and refusal-direction alignment.")
-    harmful_dataset: str = Field("tunesec-harmful", description="Harmful prompts for the refusal direction.")
-    harmless_dataset: str = Field("tunesec-benign", description="Harmless prompts for the refusal direction.")
+    harmful_dataset: str = Field("jbb-harmful", description="Harmful prompts for the refusal direction.")
+    harmless_dataset: str = Field("jbb-benign", description="Harmless prompts for the refusal direction.")
     prompts: int = Field(32, ge=2, description="Prompts of each kind used for the direction.")
 
 
@@ -142,6 +142,38 @@ class Policy(Config):
         """Hash of the policy's canonical JSON (what it checks, not how the file was formatted)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def with_overrides(policy: Policy, *, limit: int | None = None, max_new_tokens: int | None = None) -> Policy:
+    """The policy shrunk from the command line (``certify --limit/--max-new-tokens``).
+
+    Every check's sample and the trigger scan's prompts become at most ``limit`` (the scan keeps at least 2),
+    every generation length at most ``max_new_tokens``; ``None`` leaves that part as it is.
+
+    Raises:
+        UsageError: A value below 1.
+    """
+    for name, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name}: expected a positive number, got {value}")
+
+    def cap(own: int | None, bound: int | None) -> int | None:
+        if bound is None:
+            return own
+        return bound if own is None else min(own, bound)
+
+    checks = [
+        c.model_copy(update={"limit": cap(c.limit, limit), "max_new_tokens": cap(c.max_new_tokens, max_new_tokens)})
+        for c in policy.checks
+    ]
+    triggers = policy.triggers.model_copy(
+        update={
+            "prompts": max(2, cap(policy.triggers.prompts, limit) or 2),
+            "max_new_tokens": cap(policy.triggers.max_new_tokens, max_new_tokens),
+        }
+    )
+    top = cap(policy.max_new_tokens, max_new_tokens)
+    return policy.model_copy(update={"checks": checks, "triggers": triggers, "max_new_tokens": top})
 
 
 def default_policy_path() -> Path:

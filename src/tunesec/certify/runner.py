@@ -140,6 +140,8 @@ def certify(
     base_generator: Generator | None = None,
     tuned_generator: Generator | None = None,
     log: Callable[[str], None] | None = None,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> CertifyResult:
     """Certify ``tuned`` against ``base`` under a policy (see the module docstring).
 
@@ -157,6 +159,8 @@ def certify(
         base_generator: An already loaded base generator (tests; scripted models).
         tuned_generator: An already loaded tuned generator.
         log: Where progress lines go (default: stderr when ``progress``).
+        limit: At most this many prompts per check and for the trigger scan (shrinks the policy; recorded).
+        max_new_tokens: At most this many new tokens per generation (shrinks the policy; recorded).
 
     Raises:
         UsageError: Bad policy, incompatible models, missing adapter or data; raised before anything is written.
@@ -164,6 +168,16 @@ def certify(
     started = time.perf_counter()
     say = log or _stderr_logger(progress)
     pol, policy_meta = _resolve_policy(policy)
+    if limit is not None or max_new_tokens is not None:
+        from tunesec.certify.policy import with_overrides
+
+        pol = with_overrides(pol, limit=limit, max_new_tokens=max_new_tokens)
+        policy_meta = {
+            **policy_meta,
+            "overrides": {"limit": limit, "max_new_tokens": max_new_tokens},
+            "content_sha256": pol.sha256(),
+            "policy": pol.model_dump(mode="json"),
+        }
     base_ref = ModelRef.parse(base) if isinstance(base, str) else base
     tuned_ref = ModelRef.parse(tuned) if isinstance(tuned, str) else tuned
     check_compatible(base_ref, tuned_ref)

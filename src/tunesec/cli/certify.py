@@ -21,6 +21,12 @@ def certify_command(
     out: Annotated[Path | None, typer.Option("--out", help="New or empty run directory.")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Local data directory for datasets.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Evaluate the base model again.")] = False,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="At most N prompts per check and for the trigger scan.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", min=1, help="At most N new tokens per generation.")
+    ] = None,
 ) -> None:
     """Certify TUNED against BASE: exit 0 PASS, 1 FAIL, 3 INCONCLUSIVE, 2 usage error."""
     from rich.console import Console
@@ -35,6 +41,8 @@ def certify_command(
         out=out,
         data_dir=data_dir,
         use_cache=not no_cache,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
     )
     console = Console()
     console.print(_verdict_table(result.verdict))
