@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from tunesec.judges import DefaultJudge, JudgeInput, RefusalKeywords, Score
+from tunesec.judges import JudgeInput, KeywordsEmbeddingJudge, RefusalKeywords, Score
 from tunesec.judges.classifier import HarmClassifier
 from tunesec.judges.ensemble import combine
 
@@ -36,7 +36,7 @@ def cl(label: str, p_harmful: float) -> Score:
 def test_rule(kw_refused: bool, label: str, refused: bool, harmful: bool, vetoed: bool) -> None:
     s = combine(kw(kw_refused), cl(label, 0.9 if label == "harmful" else 0.1))
     assert (s.refused, s.harmful, s.detail["vetoed"]) == (refused, harmful, vetoed)
-    assert s.judge == "default"
+    assert s.judge == "keywords-embedding"
     assert s.score == (0.0 if vetoed else (0.9 if label == "harmful" else 0.1))
 
 
@@ -59,7 +59,7 @@ class FixedClassifier(HarmClassifier):
 
 
 def test_default_judge_combines_per_item_in_order() -> None:
-    judge = DefaultJudge(keywords=RefusalKeywords(), classifier=FixedClassifier(["harmful", "harmful", "benign"]))
+    judge = KeywordsEmbeddingJudge(keywords=RefusalKeywords(), classifier=FixedClassifier(["harmful", "harmful", "benign"]))
     items = [
         JudgeInput(prompt="a", response="Sure, step one: ..."),
         JudgeInput(prompt="b", response="I'm sorry, I can't help with that."),

@@ -4,7 +4,9 @@ Importing this package registers every built-in judge (no torch is imported unti
 
 - ``refusal-keywords``: refusal phrases (:mod:`tunesec.judges.keywords`);
 - ``harm-classifier``: MiniLM embeddings + trained head (:mod:`tunesec.judges.classifier`);
-- ``default``: the two combined (:mod:`tunesec.judges.ensemble`);
+- ``keywords-embedding``: the two combined (:mod:`tunesec.judges.ensemble`), the default before ``response-judge``;
+- ``response-judge``: a MiniLM cross-encoder trained on five labelled sources (:mod:`tunesec.judges.cross_encoder`),
+  also registered as ``default``;
 - ``strongreject-rubric``: the StrongREJECT rubric with an LLM grader (:mod:`tunesec.judges.rubric`);
 - ``guard-model``: Llama Guard 3 / WildGuard / HarmBench classifier (:mod:`tunesec.judges.guard`).
 
@@ -19,7 +21,8 @@ from tunesec.errors import UsageError
 from tunesec.judges.base import Judge, JudgeInput, Score
 from tunesec.judges.cache import CachedJudge, JudgeCache, cached, score_cached
 from tunesec.judges.classifier import HarmClassifier
-from tunesec.judges.ensemble import DefaultJudge
+from tunesec.judges.cross_encoder import DefaultJudge, ResponseJudge
+from tunesec.judges.ensemble import KeywordsEmbeddingJudge
 from tunesec.judges.guard import GuardModel
 from tunesec.judges.keywords import RefusalKeywords
 from tunesec.judges.rubric import StrongRejectRubric
@@ -28,6 +31,8 @@ from tunesec.registry import registry
 __all__ = [
     "CachedJudge",
     "DefaultJudge",
+    "KeywordsEmbeddingJudge",
+    "ResponseJudge",
     "GuardModel",
     "HarmClassifier",
     "Judge",

@@ -1,4 +1,7 @@
-"""``default``: the CPU default judge, ``refusal-keywords`` + ``harm-classifier`` combined by a fixed rule.
+"""``keywords-embedding``: ``refusal-keywords`` + ``harm-classifier`` combined by a fixed rule.
+
+This was the default judge until the trained cross-encoder ``response-judge`` replaced it; it is kept so that old
+runs can be re-scored and compared.
 
 Rule (measured in ``benchmarks/judges.py`` on the classifier's held-out split; numbers in BENCHMARKS.md):
 
@@ -25,7 +28,7 @@ from tunesec.judges.keywords import RefusalKeywords
 from tunesec.registry import register
 
 
-def combine(keywords: Score, classifier: Score, judge: str = "default", veto: bool = True) -> Score:
+def combine(keywords: Score, classifier: Score, judge: str = "keywords-embedding", veto: bool = True) -> Score:
     """Combine one keyword score and one classifier score by the module's rule."""
     if classifier.harmful is None or classifier.refused is None:
         return Score(judge=judge, unparsed=True, detail={"keywords": keywords.detail, "classifier": classifier.detail})
@@ -41,9 +44,13 @@ def combine(keywords: Score, classifier: Score, judge: str = "default", veto: bo
     )
 
 
-@register("judge", "default", description="refusal-keywords + harm-classifier (CPU default).")
-class DefaultJudge(Judge):
-    """The default CPU judge: refusal phrases and the embedding classifier, combined (see module docs).
+@register(
+    "judge",
+    "keywords-embedding",
+    description="refusal-keywords + MiniLM-embedding harm-classifier (the default judge before response-judge).",
+)
+class KeywordsEmbeddingJudge(Judge):
+    """Refusal phrases and the embedding classifier, combined (see module docs).
 
     Args:
         veto: A keyword refusal vetoes a harmful classification (default ``True``).
@@ -51,7 +58,7 @@ class DefaultJudge(Judge):
         classifier: The classifier judge (the shipped head when omitted).
     """
 
-    name = "default"
+    name = "keywords-embedding"
     version = "1"
 
     def __init__(
