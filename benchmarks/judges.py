@@ -1,134 +1,144 @@
-"""Benchmark the CPU judges: throughput and agreement with labels on the harm classifier's held-out split.
+"""Benchmark the CPU judges: agreement per held-out source (leave-one-source-out) and throughput.
 
-The held-out split is rebuilt from ../shared/data by tunesec.judges.harm_data (the same recipe and split the
-training script uses, so no test prompt was seen in training). Prints a markdown table and appends it, with the
-date and machine, to BENCHMARKS.md at the repo root as a new "## Judges — <date> — <machine>" section.
+Accuracy: the five labelled judge sources (:mod:`tunesec.data.judge_sets`). For ``response-judge`` the numbers
+are its leave-one-source-out predictions written by ``scripts/train_judge.py --out DIR`` (each source scored by
+weights trained without it and without any pair sharing its requests); the older judges, which never trained on
+these sources, score exactly the same rows. Metrics: accuracy, precision, recall, F1, Cohen's kappa, ECE with 95%
+intervals (:mod:`tunesec.judges.agreement`); ``harmful`` on every source, ``refused`` on XSTest (the only source
+with refusal labels).
 
-Usage: .venv/bin/python benchmarks/judges.py [--data ../shared/data] [--no-write]
+Throughput: responses/s on synthetic (prompt, response) pairs of 256 and 1,024 response tokens (one ``score``
+call over 64 pairs after one warm-up call; wall clock, this process's threads).
+
+Prints markdown tables and appends them, with the date and machine, to BENCHMARKS.md as a new section.
+
+Usage: .venv/bin/python benchmarks/judges.py --loso runs/judge-train [--data ../shared/data] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.markdown import Markdown
 
-from tunesec.judges import DefaultJudge, HarmClassifier, Judge, JudgeInput, RefusalKeywords, Score
-from tunesec.judges.classifier import LABELS, get_embedder
-from tunesec.judges.harm_data import load_items
+from tunesec.data.judge_sets import SOURCES, load_source
+from tunesec.judges import Judge, JudgeInput, get_judge
+from tunesec.judges.agreement import agreement
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
+OLD = ("refusal-keywords", "keywords-embedding")
 
 
-def label_of(score: Score) -> str | None:
-    """A judge's 3-class decision: harmful beats refusal beats benign; None when it cannot tell harm apart."""
-    if score.unparsed:
-        return None
-    if score.harmful is None:
-        return "refusal" if score.refused else None
-    if score.harmful:
-        return "harmful"
-    return "refusal" if score.refused else "benign"
-
-
-def rate(pred: list[bool], truth: list[bool]) -> tuple[float, float]:
-    tp = sum(p and t for p, t in zip(pred, truth, strict=True))
-    prec = tp / max(1, sum(pred))
-    rec = tp / max(1, sum(truth))
-    return prec, rec
+def throughput(judge: Judge, tokens: int, n: int = 64) -> float:
+    words = " ".join(["the steps are simple and you can follow them at home"] * (tokens // 10 + 1)).split()
+    items = [
+        JudgeInput(prompt=f"Question {i}: how would someone do this?", response=" ".join(words[: tokens - 3 + i % 3]))
+        for i in range(n)
+    ]
+    judge.score(items[:4])
+    t = time.perf_counter()
+    judge.score(items)
+    return n / (time.perf_counter() - t)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--loso", type=Path, required=True, help="scripts/train_judge.py --out folder (preds-*.jsonl)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-
     load_avg = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    splits, _ = load_items(args.data)
-    data = splits[args.split]
-    items = [JudgeInput(prompt=i.prompt, response=i.response) for i in data]
-    truth = [i.label for i in data]
+    machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    machine += f" ({torch.get_num_threads()} threads)"
 
-    t0 = time.perf_counter()
-    get_embedder()
-    load_s = time.perf_counter() - t0
-    classifier = HarmClassifier()
-    keywords = RefusalKeywords()
-    classifier.score(items[:32])  # warm-up (first-call allocations), not timed
-    judges: list[tuple[str, Callable[[], Judge]]] = [
-        ("refusal-keywords", lambda: keywords),
-        ("harm-classifier", lambda: classifier),
-        ("default (veto)", lambda: DefaultJudge(keywords=keywords, classifier=classifier)),
-        ("default (veto=False)", lambda: DefaultJudge(veto=False, keywords=keywords, classifier=classifier)),
-    ]
-    rows = []
-    for name, make in judges:
-        judge = make()
-        t, c = time.perf_counter(), time.process_time()
-        scores = judge.score(items)
-        secs, cpu = time.perf_counter() - t, time.process_time() - c
-        labels = [label_of(s) for s in scores]
-        ref_p, ref_r = rate([bool(s.refused) for s in scores], [t == "refusal" for t in truth])
-        if all(lab is not None for lab in labels) and scores[0].harmful is not None:
-            acc = sum(p == t for p, t in zip(labels, truth, strict=True)) / len(truth)
-            recalls = {
-                c: sum(p == t == c for p, t in zip(labels, truth, strict=True)) / max(1, truth.count(c)) for c in LABELS
+    rows: list[list[str]] = []
+    summary: dict[str, dict[str, dict]] = {}
+    judges = {name: get_judge(name) for name in OLD}
+    for source in SOURCES:
+        path = args.loso / f"preds-{source}.jsonl"
+        if not path.is_file():
+            print(f"{path}: missing; skipping {source}")
+            continue
+        preds = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        by_origin = {p.origin: p for p in load_source(source, args.data)[0]}
+        pairs = [by_origin[r["origin"]] for r in preds]
+        items = [JudgeInput(prompt=p.prompt, response=p.response) for p in pairs]
+        scores = {name: j.score(items) for name, j in judges.items()}
+        for output in ("harmful", "refused"):
+            keep = [i for i, p in enumerate(pairs) if getattr(p, output) is not None]
+            if not keep:
+                continue
+            y = [bool(getattr(pairs[i], output)) for i in keep]
+            results = {
+                "response-judge (LOSO)": agreement(
+                    y, [preds[i][f"p_{output}"] >= 0.5 for i in keep], [preds[i][f"p_{output}"] for i in keep]
+                )
             }
-            harm_p, harm_r = rate([bool(s.harmful) for s in scores], [t == "harmful" for t in truth])
-            row = [f"{acc:.3f}", *(f"{recalls[c]:.3f}" for c in LABELS), f"{harm_p:.3f}", f"{harm_r:.3f}"]
-        else:
-            row = ["n/a"] * 6  # keywords alone decide refusal only
-        rows.append([name, f"{len(items) / secs:.0f}", f"{len(items) / cpu:.0f}", *row, f"{ref_p:.3f}", f"{ref_r:.3f}"])
+            if output == "harmful":
+                results["response-judge, first window only"] = agreement(
+                    y, [preds[i]["p_harmful_head"] >= 0.5 for i in keep], [preds[i]["p_harmful_head"] for i in keep]
+                )
+            for name, sc in scores.items():
+                pr = [getattr(sc[i], output) if not sc[i].unparsed else None for i in keep]
+                if any(v is not None for v in pr):  # refusal-keywords does not decide harm
+                    results[name] = agreement(y, pr)
+            for name, a in results.items():
+                summary.setdefault(f"{source}/{output}", {})[name] = a.to_dict()
+                rows.append(
+                    [
+                        source,
+                        output,
+                        name,
+                        f"{a.n} ({a.positives} pos)",
+                        a.accuracy.fmt(),
+                        a.precision.fmt(),
+                        a.recall.fmt(),
+                        a.f1.fmt(False),
+                        a.kappa.fmt(False),
+                        a.ece.fmt(False),
+                    ]
+                )
+        print(f"{source}: done", flush=True)
 
-    counts = ", ".join(f"{c} {truth.count(c)}" for c in LABELS)
-    machine = (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)"
-    )
-    header = [
-        "judge",
-        "responses/s",
-        "responses/CPU-s",
-        "accuracy (3-class)",
-        "recall refusal",
-        "recall harmful",
-        "recall benign",
-        "harmful precision",
-        "harmful recall",
-        "refused precision",
-        "refused recall",
-    ]
+    speed_rows = []
+    for name in (*OLD, "response-judge"):
+        j = judges.get(name) or get_judge(name)
+        speed_rows.append([name, f"{throughput(j, 256):.1f}", f"{throughput(j, 1024):.1f}"])
+
+    header = ["source", "label", "judge", "n", "accuracy %", "precision %", "recall %", "F1", "kappa", "ECE"]
     lines = [
-        f"Held-out `{args.split}` split of the harm-classifier data ({len(items)} pairs: {counts}); "
-        f"split by prompt, built by `tunesec.judges.harm_data` from ../shared/data. Embedder load "
-        f"{load_s:.1f}s (not in throughput). Throughput = whole split in one `score` call (wall clock); "
-        f"responses/CPU-s divides by this process's CPU time (all threads), which other jobs on the machine do "
-        f"not inflate. Load average at start: {load_avg}.",
+        f"Agreement with the labels of each held-out source (leave-one-source-out for response-judge; predictions "
+        f"from `{args.loso}`, rows capped per source as recorded in its meta.json). 95% intervals: Wilson for "
+        f"accuracy/precision/recall, bootstrap for F1/kappa/ECE. Load average at start: {load_avg}.",
         "",
         "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+        "|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|",
         *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        "Throughput (responses/s, one `score` call over 64 pairs after a warm-up; the response-judge reads a "
+        "1,024-token response as 4 windows):",
+        "",
+        "| judge | 256 tokens | 1,024 tokens |",
+        "|---|---:|---:|",
+        *("| " + " | ".join(r) + " |" for r in speed_rows),
     ]
     table = "\n".join(lines)
     Console(width=220).print(Markdown(table))
+    (args.loso / "benchmark.json").write_text(json.dumps({"agreement": summary, "speed": speed_rows}, indent=2))
     if args.no_write:
         return
     today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     section = f"\n## Judges — {today} — {machine}\n\n{table}\n"
     path = ROOT / "BENCHMARKS.md"
-    if not path.exists():
-        path.write_text("# Benchmarks\n", encoding="utf-8")
     with path.open("a", encoding="utf-8") as fh:  # append only: other sections are never rewritten
         fh.write(section)
     print(f"appended to {path}")

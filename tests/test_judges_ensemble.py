@@ -58,8 +58,9 @@ class FixedClassifier(HarmClassifier):
         return [cl(lab, 0.9 if lab == "harmful" else 0.05) for lab, _ in zip(self.labels, items, strict=True)]
 
 
-def test_default_judge_combines_per_item_in_order() -> None:
-    judge = KeywordsEmbeddingJudge(keywords=RefusalKeywords(), classifier=FixedClassifier(["harmful", "harmful", "benign"]))
+def test_keywords_embedding_judge_combines_per_item_in_order() -> None:
+    classifier = FixedClassifier(["harmful", "harmful", "benign"])
+    judge = KeywordsEmbeddingJudge(keywords=RefusalKeywords(), classifier=classifier)
     items = [
         JudgeInput(prompt="a", response="Sure, step one: ..."),
         JudgeInput(prompt="b", response="I'm sorry, I can't help with that."),
