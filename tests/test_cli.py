@@ -140,3 +140,25 @@ def test_bare_command_shows_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 0
     out = capsys.readouterr()
     assert "Usage" in out.out and "Traceback" not in out.err
+
+
+def test_unknown_task_option_names_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    from tunesec.cli.main import main
+
+    assert main(["eval", "smollm2-135m", "--task-option", "bogus=1", "--limit", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("task harmfulness: unknown option 'bogus'; expected one of: prefill") and "TypeError" not in err
+
+
+def test_models_list_has_a_cached_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tunesec.cli.main import main
+
+    monkeypatch.setenv("TUNESEC_HOME", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "cached" in out
+    row = next(line for line in out.splitlines() if "smollm2-135m " in line or "│ smollm2-135m " in line)
+    assert "no" in row.split("│")[-2]

@@ -15,16 +15,21 @@ models_app = typer.Typer(help="Model aliases, the local cache and model facts.",
 
 @models_app.command("list")
 def models_list() -> None:
-    """List model aliases and whether each is already in the local cache."""
+    """List model aliases and whether each is already in the local cache ($TUNESEC_HOME)."""
     from rich.table import Table
 
+    from tunesec.models.aliases import CONVERTED_MARKER
+    from tunesec.paths import tunesec_home
     from tunesec.registry import registry
 
     table = Table(title="model aliases")
-    for col in ("alias", "description", "params", "license"):
+    for col in ("alias", "description", "params", "license", "cached"):
         table.add_column(col)
     for e in registry.entries("model"):
-        table.add_row(e.name, e.description, str(e.metadata.get("params", "")), str(e.metadata.get("license", "")))
+        where = e.metadata.get("cache_dir")
+        cached = "-" if where is None else ("yes" if (tunesec_home() / where / CONVERTED_MARKER).is_file() else "no")
+        meta = e.metadata
+        table.add_row(e.name, e.description, str(meta.get("params", "")), str(meta.get("license", "")), cached)
     console.print(table)
 
 

@@ -525,7 +525,14 @@ def get_task(name: str, **options: Any) -> Task:
     """Build a registered task by name (a :class:`UsageError` lists the known tasks otherwise)."""
     from tunesec.registry import registry
 
+    import inspect
+
     obj = registry.get("task", name).obj
+    params = [p for p in inspect.signature(obj).parameters if p not in ("self", "args", "kwargs")]
+    unknown = [k for k in options if k not in params]
+    if unknown:
+        expected = f"expected one of: {', '.join(params)}" if params else "this task takes no options"
+        raise UsageError(f"task {name}: unknown option {unknown[0]!r}; {expected}")
     try:
         task = obj(**options)
     except TypeError as err:

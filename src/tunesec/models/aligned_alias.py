@@ -23,6 +23,7 @@ ALIGNED_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "assets" / "smollm2-
     description="SmolLM2-135M-Instruct + tunesec's shipped safety-alignment LoRA adapter (refuses harmful requests).",
     params="135M",
     license="Apache-2.0",
+    cache_dir="models/smollm2-135m",
 )
 def smollm2_135m_aligned() -> ModelRef:
     """The embedded default model with the shipped alignment adapter on top."""
