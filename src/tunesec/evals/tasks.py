@@ -523,9 +523,9 @@ def check_lengths(examples: Sequence[Example], generations: Sequence[Generation]
 
 def get_task(name: str, **options: Any) -> Task:
     """Build a registered task by name (a :class:`UsageError` lists the known tasks otherwise)."""
-    from tunesec.registry import registry
-
     import inspect
+
+    from tunesec.registry import registry
 
     obj = registry.get("task", name).obj
     params = [p for p in inspect.signature(obj).parameters if p not in ("self", "args", "kwargs")]
