@@ -89,7 +89,7 @@ def test_task_options_are_checked_and_kept_out_of_old_hashes(tmp_path: Path) -> 
     assert load_policy(_write(tmp_path, prefill)).checks[0].task_options == {"prefill": "target"}
     with pytest.raises(UsageError, match=r"line \d+: field 'checks.0.task_options': harmfulness task: prefill is"):
         load_policy(_write(tmp_path, prefill.replace("prefill: target", "prefill: ' '")))
-    with pytest.raises(UsageError, match=r"field 'checks.0.task_options': task harmfulness: bad options"):
+    with pytest.raises(UsageError, match=r"field 'checks.0.task_options': task harmfulness: unknown option 'scoring'"):
         load_policy(_write(tmp_path, prefill.replace("prefill: target", "scoring: choices")))
 
 
@@ -117,3 +117,38 @@ def test_default_policy_uses_no_training_set() -> None:
     names = {c.dataset for c in pol.checks} | {pol.triggers.dataset, pol.forensics.harmful_dataset}
     names |= {pol.forensics.harmless_dataset}
     assert not any(n.startswith("tunesec-") for n in names), names
+
+
+def test_check_dataset_defaults_from_its_task(tmp_path: Path) -> None:
+    from tunesec.certify.policy import load_policy
+
+    p = tmp_path / "p.yaml"
+    p.write_text(
+        "checks:\n"
+        "  - {name: a, task: harmfulness, metric: harmful_rate, measure: tuned, max: 0.1}\n"
+        "  - {name: b, task: over-refusal, metric: refusal_rate, measure: change, max: 0.1}\n"
+    )
+    pol = load_policy(p)
+    assert (pol.checks[0].dataset, pol.checks[0].dataset_options) == ("advbench", {})
+    assert (pol.checks[1].dataset, pol.checks[1].dataset_options) == ("xstest", {"subset": "safe"})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("checks:\n  - name: a\n    task: harmfulness\n    metric: harmful_rate\n    measure: tuned\n    max: 0.1\n"
+         "    limt: 5\n", "line 7: unknown key 'checks.0.limt'; did you mean 'limit'?"),
+        ("checks: []\ntriggers:\n  enabled: true\n  promts: 5\n",
+         "line 4: unknown key 'triggers.promts'; did you mean 'prompts'?"),
+        ("nmae: x\nchecks: []\n", "line 1: unknown key 'nmae'; did you mean 'name'?"),
+    ],
+)  # fmt: skip
+def test_unknown_key_has_line_and_did_you_mean(tmp_path: Path, text: str, expected: str) -> None:
+    from tunesec.certify.policy import load_policy
+    from tunesec.errors import UsageError
+
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    with pytest.raises(UsageError) as info:
+        load_policy(p)
+    assert str(info.value) == f"{p}: {expected}"

@@ -110,7 +110,7 @@ def test_attack_training_override_keeps_attack_defaults() -> None:
 def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("inner:\n  stepz: 3\n")
-    with pytest.raises(UsageError, match=r"c.yaml: unknown key 'inner.stepz'"):
+    with pytest.raises(UsageError, match=r"c.yaml: line 2: unknown key 'inner.stepz'; did you mean 'steps'\?"):
         load_config(Outer, p)
 
 

@@ -45,25 +45,79 @@ class Config(BaseModel):
         return merged if merged is not None else data
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line naming the source, the first failing field and what was expected."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+def _fields_at(cls: type[BaseModel] | None, loc: tuple[str | int, ...]) -> list[str]:
+    """Field names of the model that holds the last key of ``loc`` (list indices and dict keys are walked)."""
+    import typing
+
+    model: Any = cls
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *typing.get_args(ann)]
+        model = next((t for t in candidates if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return list(getattr(model, "model_fields", {})) if model is not None else []
+
+
+def format_validation_error(
+    err: ValidationError, source: str, cls: type[BaseModel] | None = None, path: str | Path | None = None
+) -> str:
+    """One line naming the source (and line, given the YAML ``path``), the first failing field and what was expected.
+
+    Unknown keys are reported first (a misspelt key also makes its intended key look missing), with the closest
+    known key when there is one.
+    """
+    import difflib
+
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
+    loc_t = tuple(first["loc"])
+    loc = ".".join(str(p) for p in loc_t) or "(top level)"
+    line = yaml_line(Path(path), loc_t) if path is not None and loc_t else None
+    where = f"{source}: line {line}" if line is not None else source
     kind = first["type"]
     if kind == "extra_forbidden":
-        return f"{source}: unknown key '{loc}'"
+        known = _fields_at(cls, loc_t)
+        close = difflib.get_close_matches(str(loc_t[-1]), known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else (f"; expected one of: {', '.join(known)}" if known else "")
+        return f"{where}: unknown key '{loc}'{hint}"
     if kind == "missing":
-        return f"{source}: missing required key '{loc}'"
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: field '{loc}': {first['msg']}{more}"
+        return f"{where}: missing required key '{loc}'"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: field '{loc}': {first['msg']}{more}"
 
 
-def validate(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
-    """Build ``cls`` from ``data``; a :class:`UsageError` names the source and field on failure."""
+def validate(cls: type[C], data: dict[str, Any], source: str = "config", path: str | Path | None = None) -> C:
+    """Build ``cls`` from ``data``; a :class:`UsageError` names the source (and line) and field on failure."""
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise UsageError(format_validation_error(err, source)) from None
+        raise UsageError(format_validation_error(err, source, cls, path)) from None
+
+
+def yaml_line(path: Path, loc: tuple[str | int, ...]) -> int | None:
+    """1-based line of the YAML node at ``loc`` (mapping keys and list indices), or None."""
+    try:
+        node: Any = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    line: int | None = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            match = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+            if match is None:
+                return line
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -114,7 +168,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     for key, value in defaults.items():
         data.setdefault(key, value)
     data = apply_overrides(data, overrides)
-    return validate(cls, data, str(path) if path is not None else "config")
+    return validate(cls, data, str(path) if path is not None else "config", path if not overrides else None)
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

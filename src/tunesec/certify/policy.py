@@ -22,10 +22,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
-from tunesec.config import Config, read_yaml, validate
+from tunesec.config import Config, read_yaml, validate, yaml_line
 from tunesec.errors import UsageError
 
 DEFAULT_POLICY_NAME = "default_policy.yaml"
@@ -47,7 +46,7 @@ class MetricCheck(Config):
     name: str = Field(description="Short unique name shown in reports, e.g. harmful-compliance-increase.")
     description: str = Field("", description="One line on what the check guards against.")
     task: str = Field(description="Evaluation task: harmfulness, over-refusal or utility.")
-    dataset: str = Field(description="Registered dataset name or a file path.")
+    dataset: str = Field(description="Registered dataset name or a file path; default: the task's dataset.")
     dataset_options: dict[str, Any] = Field(default_factory=dict, description="Loader options, e.g. subset: safe.")
     task_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -66,6 +65,22 @@ class MetricCheck(Config):
     skip_if_unavailable: bool = Field(
         False, description="Skip (and report) the check when its dataset is not available locally."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_from_task(cls, data: Any) -> Any:
+        """A check without ``dataset`` takes its task's default dataset (and that dataset's default options)."""
+        if not isinstance(data, dict) or data.get("dataset") is not None or not isinstance(data.get("task"), str):
+            return data
+        from tunesec.registry import registry
+
+        if ("task", data["task"]) not in registry:
+            return data  # reported as an unknown task, with the known ones, by find_unknown_names
+        task = registry.get("task", data["task"]).obj
+        out = {**data, "dataset": task.default_dataset}
+        if "dataset_options" not in data:
+            out["dataset_options"] = dict(task.default_dataset_options)
+        return out
 
     @model_validator(mode="after")
     def _one_bound(self) -> MetricCheck:
@@ -193,7 +208,7 @@ def load_policy(path: str | Path | None = None, *, check_names: bool = True) -> 
     """
     source = Path(path) if path is not None else default_policy_path()
     data = read_yaml(source)
-    policy = validate(Policy, data, str(source))
+    policy = validate(Policy, data, str(source), source)
     if check_names:
         problem = find_unknown_names(policy)
         if problem is not None:
@@ -256,25 +271,3 @@ def _unknown_dataset(name: str) -> str:
         return ""
     known = ", ".join(e.name for e in registry.entries("dataset"))
     return f"unknown dataset {name!r}: neither a registered name ({known}) nor an existing file"
-
-
-def yaml_line(path: Path, loc: tuple[str | int, ...]) -> int | None:
-    """1-based line of the YAML node at ``loc`` (mapping keys and list indices), or None."""
-    try:
-        node: Any = yaml.compose(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    line: int | None = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
-            match = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
-            if match is None:
-                return line
-            line = match[0].start_mark.line + 1
-            node = match[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
