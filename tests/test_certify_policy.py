@@ -152,3 +152,13 @@ def test_unknown_key_has_line_and_did_you_mean(tmp_path: Path, text: str, expect
     with pytest.raises(UsageError) as info:
         load_policy(p)
     assert str(info.value) == f"{p}: {expected}"
+
+
+def test_certify_md_documents_every_policy_field() -> None:
+    from tunesec.certify.policy import ForensicsPolicy, MetricCheck, Policy, TriggerPolicy
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "CERTIFY.md").read_text()
+    section = doc[doc.index("## Policy fields") :]
+    for model in (Policy, MetricCheck, TriggerPolicy, ForensicsPolicy):
+        for field in model.model_fields:
+            assert f"`{field}`" in section, (model.__name__, field)
