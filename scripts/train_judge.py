@@ -186,6 +186,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True, help="folder for per-fold predictions and the LOSO table")
     ap.add_argument("--final", type=Path, default=None, help="write the weights trained on all sources here")
     ap.add_argument("--folds", default=",".join(SOURCES), help="held-out sources, comma-separated ('' = none)")
+    ap.add_argument(
+        "--protocol",
+        choices=("loso", "within"),
+        default="loso",
+        help="loso: each fold holds out a source; within: one fold holds out 20%% of every source's requests",
+    )
     ap.add_argument("--top-layers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=5e-5)
@@ -229,11 +235,13 @@ def main() -> int:
         ]
     calib_item = [prompt_bucket(p.prompt) < CALIB_BUCKETS for p in pairs]
 
-    def run(held_out: str | None, seed: int) -> tuple[list[float], np.ndarray | None]:
-        test_keys = {p.prompt_key for p in pairs if p.source == held_out}
+    def run(held_out: str | None, test_items: list[int], seed: int) -> tuple[list[float], np.ndarray | None]:
+        """Train without ``test_items`` (and any pair sharing their requests), calibrate, score ``test_items``."""
+        test_set = set(test_items)
+        test_keys = {pairs[i].prompt_key for i in test_items}
         train_rows, cal_items = [], []
         for i, p in enumerate(pairs):
-            if p.source == held_out or p.prompt_key in test_keys:
+            if i in test_set or p.prompt_key in test_keys:
                 continue
             (cal_items if calib_item[i] else train_rows).append(i)
         train_win = [first[i] for i in train_rows]
@@ -247,7 +255,6 @@ def main() -> int:
             temps.append(fit_temperature(cal_logits[known, o], y[known]))
         if held_out is None:
             return temps, None
-        test_items = [i for i, p in enumerate(pairs) if p.source == held_out]
         win_idx = [k for i in test_items for k in by_item[i]]
         logits = window_logits_cached(model, hidden, win_idx, 64)
         sub = [windows[k] for k in win_idx]
@@ -258,7 +265,7 @@ def main() -> int:
         head_only = aggregate(
             [w for w in sub if w.index == 0], logits[[w.index == 0 for w in sub]], len(test_items), fold_cfg
         )
-        with (args.out / f"preds-{held_out}.jsonl").open("w", encoding="utf-8") as f:
+        with (args.out / f"preds-{held_out}.jsonl").open("w", encoding="utf-8") as f:  # held_out: a source or "within"
             for j, i in enumerate(test_items):
                 p = pairs[i]
                 f.write(
@@ -279,24 +286,35 @@ def main() -> int:
         return temps, agg
 
     table: dict[str, dict] = {}
-    for s in folds:
-        temps, agg = run(s, args.seed)
-        test_items = [i for i, p in enumerate(pairs) if p.source == s]
-        row: dict[str, dict] = {"temperature": dict(zip(OUTPUTS, temps, strict=True))}
-        for o, name in enumerate(OUTPUTS):
-            lab = [getattr(pairs[i], name) for i in test_items]
-            keep = [j for j, v in enumerate(lab) if v is not None]
-            if not keep:
+    if args.protocol == "loso":
+        plan = [(s, [i for i, p in enumerate(pairs) if p.source == s]) for s in folds]
+    else:
+        # Within sources, new requests: every source's pairs whose request falls in buckets [10, 30) are the test.
+        plan = [
+            ("within", [i for i, p in enumerate(pairs) if p.source != "aux" and 10 <= prompt_bucket(p.prompt) < 30])
+        ]
+    for tag, test_items in plan:
+        temps, agg = run(tag, test_items, args.seed)
+        assert agg is not None
+        for s in SOURCES:
+            rows_s = [j for j, i in enumerate(test_items) if pairs[i].source == s]
+            if not rows_s:
                 continue
-            a = agreement([lab[j] for j in keep], [bool(agg[j, o] >= 0.5) for j in keep], [agg[j, o] for j in keep])
-            row[name] = a.to_dict()
-            print(
-                f"{s:10s} {name:8s} n={a.n:5d} acc {a.accuracy.fmt()} F1 {a.f1.fmt(False)} "
-                f"kappa {a.kappa.fmt(False)} ECE {a.ece.fmt(False)}",
-                flush=True,
-            )
-        table[s] = row
-        (args.out / "loso.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+            row: dict[str, dict] = {"temperature": dict(zip(OUTPUTS, temps, strict=True))}
+            for o, name in enumerate(OUTPUTS):
+                keep = [j for j in rows_s if getattr(pairs[test_items[j]], name) is not None]
+                if not keep:
+                    continue
+                lab = [bool(getattr(pairs[test_items[j]], name)) for j in keep]
+                a = agreement(lab, [bool(agg[j, o] >= 0.5) for j in keep], [agg[j, o] for j in keep])
+                row[name] = a.to_dict()
+                print(
+                    f"{tag:9s} {s:10s} {name:8s} n={a.n:5d} acc {a.accuracy.fmt()} F1 {a.f1.fmt(False)} "
+                    f"kappa {a.kappa.fmt(False)} ECE {a.ece.fmt(False)}",
+                    flush=True,
+                )
+            table[s] = row
+        (args.out / f"{args.protocol}.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
 
     meta = {
         "trained": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -308,10 +326,10 @@ def main() -> int:
             for p in sorted((args.data / "judge").rglob("*"))
             if p.is_file() and p.suffix in (".csv", ".json")
         },
-        "loso": table,
+        args.protocol: table,
     }
     if args.final is not None:
-        temps, _ = run(None, args.seed)
+        temps, _ = run(None, [], args.seed)
         args.final.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
