@@ -101,3 +101,29 @@ def test_cli_exit_code_2_on_bad_input(tmp_path: Path, tiny_llama_dir: Path) -> N
     bad = tmp_path / "p.yaml"
     bad.write_text("checks: []\ntriggers: {enabled: false}\n")
     assert main(["certify", "--base", str(tiny_llama_dir), "--tuned", str(tiny_llama_dir), "--policy", str(bad)]) == 2
+
+
+def test_certificate_hashes_are_checkable(tiny_llama_dir: Path) -> None:
+    import hashlib
+
+    from tunesec.certify.certificate import model_sha256
+    from tunesec.models.ref import ModelRef
+
+    h = model_sha256(ModelRef.parse(str(tiny_llama_dir)))
+    assert h["base_files"] and all(
+        d == hashlib.sha256((tiny_llama_dir / n).read_bytes()).hexdigest() for n, d in h["base_files"].items()
+    )
+    listing = "".join(f"{d}  {n}\n" for n, d in sorted(h["base_files"].items(), key=lambda kv: kv[0].encode()))
+    assert h["base_sha256"] == hashlib.sha256(listing.encode()).hexdigest()
+    assert h["sha256"] == hashlib.sha256(f"base:{h['base_sha256']}\n".encode()).hexdigest()
+
+
+def test_eval_and_certificate_record_the_same_weights_digest(tiny_llama_dir: Path) -> None:
+    from tunesec.certify.certificate import model_sha256
+    from tunesec.models.fingerprint import fingerprint
+    from tunesec.models.ref import ModelRef
+
+    ref = ModelRef.parse(str(tiny_llama_dir))
+    fp, cert = fingerprint(ref), model_sha256(ref)
+    assert fp["weights_sha256"] == cert["base_sha256"] and fp["weights_files"] == cert["base_files"]
+    assert "config.json" in cert["base_files"]

@@ -169,3 +169,21 @@ def test_fingerprint_changes_when_a_weight_changes(tmp_path: Path, monkeypatch: 
     state[key].view(-1)[0] += 1.0
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     assert fingerprint(ref)["weights_sha256"] != first
+
+
+def test_weight_hashes_are_what_sha256sum_prints(tiny_llama_dir: Path) -> None:
+    """Every recorded file hash is the plain sha256 of the file; the digest is the sha256 of the sha256sum listing."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    from tunesec.models.fingerprint import weight_hashes
+
+    hashes = weight_hashes(tiny_llama_dir)
+    assert hashes is not None and hashes["files"]
+    for name, digest in hashes["files"].items():
+        assert digest == hashlib.sha256((tiny_llama_dir / name).read_bytes()).hexdigest()
+    if shutil.which("sha256sum"):
+        names = sorted(hashes["files"], key=str.encode)
+        listing = subprocess.run(["sha256sum", *names], cwd=tiny_llama_dir, capture_output=True, check=True).stdout
+        assert hashlib.sha256(listing).hexdigest() == hashes["sha256"]

@@ -19,8 +19,6 @@ from tunesec.errors import UsageError
 from tunesec.models.ref import ModelRef
 
 CERTIFICATE_FORMAT = 1
-WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
-CONFIG_FILES = ("config.json", "adapter_config.json", "generation_config.json")
 
 
 class Certificate(BaseModel):
@@ -59,32 +57,26 @@ class Certificate(BaseModel):
     forensics: dict[str, Any] | None = None
 
 
-def _files_hash(root: Path, names: list[Path]) -> str:
-    from tunesec.store.provenance import sha256_file
+def dir_hashes(path: Path) -> dict[str, Any]:
+    """``{"files": {name: sha256}, "sha256": listing digest}`` (:func:`tunesec.models.fingerprint.weight_hashes`).
 
-    h = hashlib.sha256()
-    for f in sorted(names):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(b"\0")
-        h.update(sha256_file(f).encode())
-        h.update(b"\0")
-    return h.hexdigest()
+    Raises:
+        UsageError: No weight file.
+    """
+    from tunesec.models.fingerprint import weight_hashes
 
-
-def dir_weights_sha256(path: Path) -> str:
-    """Hash of a model or adapter directory's weight and config files (names and contents)."""
-    if path.is_file():
-        from tunesec.store.provenance import sha256_file
-
-        return sha256_file(path)
-    files = [f for f in path.rglob("*") if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name in CONFIG_FILES)]
-    if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
+    hashes = weight_hashes(path)
+    if hashes is None:
         raise UsageError(f"{path}: no weight files to hash (expected *.safetensors)")
-    return _files_hash(path, files)
+    return hashes
 
 
 def model_sha256(ref: ModelRef) -> dict[str, Any]:
-    """The ref's spec and the sha256 of its weights (base, adapter, and the two combined)."""
+    """The ref's spec and the hashes of its weights: base, adapter, and the two combined (see docs/CERTIFY.md).
+
+    ``sha256`` (the model's identity) is the sha256 of the line ``base:<base digest>`` followed, for an adapter,
+    by the line ``adapter:<adapter digest>`` (each line ends with a newline).
+    """
     from tunesec.models.loading import resolve_alias
 
     if ref.is_endpoint:
@@ -93,14 +85,21 @@ def model_sha256(ref: ModelRef) -> dict[str, Any]:
     base_path = Path(concrete.base)
     if not base_path.exists():
         raise UsageError(f"{concrete.base}: certification needs local weights (a model directory or .gguf file)")
-    base_hash = dir_weights_sha256(base_path)
-    out: dict[str, Any] = {"spec": ref.spec(), "name": ref.name, "base_sha256": base_hash}
-    combined = hashlib.sha256(f"base:{base_hash}\n".encode())
+    base = dir_hashes(base_path)
+    out: dict[str, Any] = {
+        "spec": ref.spec(),
+        "name": ref.name,
+        "base_sha256": base["sha256"],
+        "base_files": base["files"],
+    }
+    combined = hashlib.sha256(f"base:{base['sha256']}\n".encode())
     if concrete.adapter is not None:
-        adapter = Path(concrete.adapter)
-        check_adapter_present(adapter)
-        out["adapter_sha256"] = dir_weights_sha256(adapter)
-        combined.update(f"adapter:{out['adapter_sha256']}\n".encode())
+        adapter_path = Path(concrete.adapter)
+        check_adapter_present(adapter_path)
+        adapter = dir_hashes(adapter_path)
+        out["adapter_sha256"] = adapter["sha256"]
+        out["adapter_files"] = adapter["files"]
+        combined.update(f"adapter:{adapter['sha256']}\n".encode())
     out["sha256"] = combined.hexdigest()
     return out
 

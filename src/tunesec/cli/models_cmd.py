@@ -80,13 +80,17 @@ def models_info(
         "chat_template": "fallback (ChatML)" if ChatFormatter(tok).uses_fallback else "model's own",
     }
     if hashes:
-        from tunesec.store.provenance import sha256_tree
+        from tunesec.models.fingerprint import weight_hashes
 
         concrete = resolve_alias(lm.ref)
         if Path(concrete.base).exists():
-            info["weights_sha256"] = sha256_tree(concrete.base, suffixes=(".safetensors", ".gguf"))
+            base = weight_hashes(concrete.base)
+            if base is not None:
+                info["weights_sha256"], info["weights_files"] = base["sha256"], base["files"]
         if concrete.adapter:
-            info["adapter_sha256"] = sha256_tree(concrete.adapter, suffixes=(".safetensors",))
+            adapter = weight_hashes(concrete.adapter)
+            if adapter is not None:
+                info["adapter_sha256"], info["adapter_files"] = adapter["sha256"], adapter["files"]
     console.print_json(json.dumps(info, default=str))
 
 
