@@ -162,3 +162,16 @@ def test_models_list_has_a_cached_column(
     assert "cached" in out
     row = next(line for line in out.splitlines() if "smollm2-135m " in line or "│ smollm2-135m " in line)
     assert "no" in row.split("│")[-2]
+
+
+def test_third_party_progress_bars_are_off_unless_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from tunesec.cli.main import main
+
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
+        monkeypatch.delenv(var, raising=False)
+    main(["--debug", "list", "judges"])
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    main(["list", "judges"])
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and os.environ["TRANSFORMERS_VERBOSITY"] == "error"

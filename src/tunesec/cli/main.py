@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         # PEFT asks every model it wraps for `is_gradient_checkpointing`, which transformers 5 deprecates: a
         # warning at each adapter load that concerns neither the user's model nor their command
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # transformers' and the hub's own progress bars ("Loading weights", "Converting and de-quantizing GGUF
+        # tensors") and info logs would interleave with tunesec's progress; read at their import, which comes later.
+        # A user's own setting wins.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         result = app(args=args, prog_name="tunesec", standalone_mode=False)
     except _EXIT as exc:

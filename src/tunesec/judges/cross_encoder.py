@@ -176,7 +176,8 @@ def load_model(weights_dir: str | Path | None, cfg: CrossEncoderConfig) -> tuple
 
     base = embedder_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(base))
-    encoder = AutoModel.from_pretrained(str(base), use_safetensors=True, add_pooling_layer=False)
+    encoder = AutoModel.from_pretrained(str(base), use_safetensors=True)
+    encoder.pooler = None  # mean pooling + the judge's head; loaded with it so that no weight is reported unused
     model = build_cross_encoder(encoder, cfg.top_layers)
     if weights_dir is not None:
         path = Path(weights_dir) / "top.safetensors"
