@@ -139,8 +139,9 @@ def make_windows(
 ) -> list[Window]:
     """Every window of every (request, response) pair, item by item (``first_only``: the first window only)."""
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    # verbose=False: whole texts are tokenized on purpose (windows follow), so no "longer than 512" warning.
+    p_ids = tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]
+    r_ids = tokenizer(list(responses), add_special_tokens=False, verbose=False)["input_ids"]
     out: list[Window] = []
     for i, (p, r) in enumerate(zip(p_ids, r_ids, strict=True)):
         p = clip_prompt(p, cfg.prompt_head, cfg.prompt_tail)
