@@ -35,7 +35,9 @@ from tunesec.judges.agreement import agreement
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
-OLD = ("refusal-keywords", "keywords-embedding")
+# Every judge that runs offline on this machine; strongreject-rubric needs a grader model and guard-model a guard's
+# weights (Llama Guard 3, WildGuard, HarmBench's classifier), neither of which the offline install has.
+OLD = ("refusal-keywords", "harm-classifier", "keywords-embedding")
 
 
 def throughput(judge: Judge, tokens: int, n: int = 64) -> float:
