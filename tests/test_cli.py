@@ -175,3 +175,15 @@ def test_third_party_progress_bars_are_off_unless_debug(monkeypatch: pytest.Monk
     assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
     main(["list", "judges"])
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+
+
+def test_generate_reads_csv_prompts(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,other\nhello there,1\nThe quick fox,2\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", str(tiny_llama_dir), "--file", str(prompts), "--out", str(out), "--max-new-tokens", "3"]) == 0
+    assert len(out.read_text().splitlines()) == 2
+    bad = tmp_path / "q.csv"
+    bad.write_text("question\nhi\n")
+    r = _run("generate", str(tiny_llama_dir), "--file", str(bad))
+    assert r.returncode == 2 and "q.csv line 2: expected a 'prompt'" in r.stderr

@@ -95,31 +95,38 @@ def models_info(
 
 
 def _read_prompts(path: Path) -> list[list[dict[str, str]] | str]:
-    """Prompts from a .txt file (one per line) or JSONL (``prompt``/``goal``/``instruction`` or ``messages``)."""
+    """Prompts from a .txt file (one per line) or any record file tunesec reads.
+
+    Records (JSONL, JSON, CSV, TSV, parquet) need a ``prompt`` (or ``goal``/``instruction``/``text``) field or a
+    ``messages`` chat.
+    """
+    from tunesec.data.readers import read_records
+
     if not path.is_file():
         raise UsageError(f"{path}: prompts file not found")
-    text = path.read_text(encoding="utf-8")
+    prompts: list[list[dict[str, str]] | str] = []
     if path.suffix == ".txt":
-        prompts: list[list[dict[str, str]] | str] = [ln for ln in text.splitlines() if ln.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        prompts = [ln for ln in text.splitlines() if ln.strip()]
     else:
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path} line {n}: invalid JSON ({err.msg})") from None
+        name, records = read_records(path)
+        for rec in records:
+            obj = rec.data
             if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                msgs = [m for m in obj["messages"] if m.get("role") != "assistant"]
-                prompts.append([{"role": str(m["role"]), "content": str(m["content"])} for m in msgs])
+                msgs = [m for m in obj["messages"] if isinstance(m, dict) and m.get("role") != "assistant"]
+                prompts.append([{"role": str(m.get("role")), "content": str(m.get("content"))} for m in msgs])
                 continue
             key = next(
                 (k for k in ("prompt", "goal", "instruction", "text") if isinstance(obj, dict) and k in obj),
                 None,
             )
             if key is None:
-                raise UsageError(f"{path} line {n}: expected a 'prompt' (or goal/instruction/text) or 'messages' field")
+                raise UsageError(
+                    f"{name} {rec.where}: expected a 'prompt' (or goal/instruction/text) or 'messages' field"
+                )
             prompts.append(str(obj[key]))
     if not prompts:
         raise UsageError(f"{path}: no prompts found")
@@ -132,7 +139,10 @@ def generate(
     ),
     prompt: list[str] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
     file: Path = typer.Option(
-        None, "--file", "-f", help="Prompts: .txt (one per line) or .jsonl (prompt or messages)."
+        None,
+        "--file",
+        "-f",
+        help="Prompts: .txt (one per line), or .jsonl/.json/.csv/.tsv/.parquet (prompt or messages).",
     ),
     out: Path = typer.Option(None, "--out", "-o", help="Write JSONL results here (must not exist)."),
     max_new_tokens: int = typer.Option(256, help="Tokens to generate at most."),
