@@ -181,7 +181,8 @@ def test_generate_reads_csv_prompts(tiny_llama_dir: Path, tmp_path: Path) -> Non
     prompts = tmp_path / "p.csv"
     prompts.write_text("prompt,other\nhello there,1\nThe quick fox,2\n")
     out = tmp_path / "out.jsonl"
-    assert main(["generate", str(tiny_llama_dir), "--file", str(prompts), "--out", str(out), "--max-new-tokens", "3"]) == 0
+    argv = ["generate", str(tiny_llama_dir), "--file", str(prompts), "--out", str(out), "--max-new-tokens", "3"]
+    assert main(argv) == 0
     assert len(out.read_text().splitlines()) == 2
     bad = tmp_path / "q.csv"
     bad.write_text("question\nhi\n")
