@@ -26,6 +26,8 @@ _API: dict[str, str] = {
     "evaluate": "tunesec.evals",
     "EvalReport": "tunesec.evals",
     "get_judge": "tunesec.judges",
+    "JudgeInput": "tunesec.judges",
+    "judge_file": "tunesec.judges.score_file",
     "TrainConfig": "tunesec.training",
     "train": "tunesec.training",
     "TrainingHook": "tunesec.training",
@@ -42,6 +44,7 @@ __all__ = [
     "EvalReport",
     "Example",
     "GenerationConfig",
+    "JudgeInput",
     "LoadedModel",
     "ModelRef",
     "RunDir",
@@ -53,6 +56,7 @@ __all__ = [
     "evaluate",
     "get_generator",
     "get_judge",
+    "judge_file",
     "load_dataset_by_name",
     "load_examples",
     "load_model",
@@ -65,6 +69,8 @@ if TYPE_CHECKING:
     from tunesec.data import Example, load_dataset_by_name, load_examples
     from tunesec.errors import UsageError
     from tunesec.evals import EvalReport, evaluate
+    from tunesec.judges import JudgeInput, get_judge
+    from tunesec.judges.score_file import judge_file
     from tunesec.models import GenerationConfig, LoadedModel, ModelRef, get_generator, load_model
     from tunesec.registry import register, registry
     from tunesec.store import RunDir
