@@ -272,3 +272,17 @@ def test_main_cli_wires_commands(tmp_path: Path) -> None:
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "a")]) == 0
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "u")]) == 2  # different tasks: a usage error
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_run_label_names_task_dataset_and_options() -> None:
+    from tunesec.evals.runner import run_label
+    from tunesec.store.run import _slug
+
+    assert run_label({"name": "harmfulness"}, {"name": "advbench", "options": {}}) == "harmfulness advbench"
+    label = run_label({"name": "harmfulness", "prefill": "target"}, {"name": "advbench", "options": {}})
+    assert label == "harmfulness advbench prefill=target"
+    assert run_label({"name": "over-refusal"}, {"name": "xstest", "options": {"subset": "safe"}}) == (
+        "over-refusal xstest:subset=safe"
+    )
+    assert run_label({"name": "harmfulness"}, {"name": "/data/my prompts.jsonl"}) == "harmfulness my prompts"
+    assert _slug(f"{label}-smollm2-135m") == "harmfulness-advbench-prefill=target-smollm2-135m"

@@ -88,7 +88,7 @@ def eval_command(
     from rich.console import Console
 
     console = Console()
-    console.print(_metrics_table(f"{report.task} ({report.counts.get('records', 0)} samples)", report.metrics))
+    console.print(_metrics_table(f"{report.label} ({report.counts.get('records', 0)} samples)", report.metrics))
     if report.counts.get("unparsed"):
         console.print(f"[yellow]{report.counts['unparsed']} samples unparsed (see the worst-case metrics)[/]")
     if report.run_dir is not None:
@@ -109,7 +109,7 @@ def report_command(
     path = render_report(run_dir, out)
     report = EvalReport.load(run_dir)
     console = Console()
-    console.print(_metrics_table(report.task, report.metrics))
+    console.print(_metrics_table(report.label, report.metrics))
     console.print(f"report: {path}")
 
 

@@ -54,6 +54,11 @@ class EvalReport(BaseModel):
     format: int = REPORT_FORMAT
 
     @property
+    def label(self) -> str:
+        """What was measured, in a few words: task, dataset and the options that change results."""
+        return run_label(self.spec.get("task") or {"name": self.task}, self.spec.get("dataset") or {})
+
+    @property
     def headline(self) -> MetricValue | None:
         """The task's first metric (``harmful_rate``, ``refusal_rate`` or ``accuracy``)."""
         return next(iter(self.metrics.values()), None)
@@ -180,7 +185,7 @@ def evaluate(
     if resume is not None:
         run = RunDir.resume(resume, kind="eval", spec=spec)
     else:
-        run = RunDir.create("eval", f"{task_obj.name}-{model_name}", spec, out=out, root=root)
+        run = RunDir.create("eval", f"{run_label(spec['task'], dataset_spec)}-{model_name}", spec, out=out, root=root)
 
     from rich.console import Console
 
@@ -306,6 +311,22 @@ def _resolve_dataset(
         "sha256": dataset_sha256(examples),
     }
     return examples, spec
+
+
+def run_label(task_spec: Mapping[str, Any], dataset_spec: Mapping[str, Any]) -> str:
+    """``task dataset[:opt=val] [task opt=val]``, e.g. ``harmfulness advbench prefill=target``.
+
+    Used in run directory names and table titles, so that runs on other data or with the prefilling attack are
+    told apart at a glance.
+    """
+    parts = [str(task_spec.get("name", "task"))]
+    name = str(dataset_spec.get("name") or "")
+    if name:
+        name = Path(name).stem if ("/" in name or "." in name) else name
+        opts = ",".join(f"{k}={v}" for k, v in sorted((dataset_spec.get("options") or {}).items()))
+        parts.append(f"{name}:{opts}" if opts else name)
+    parts += [f"{k}={v}" for k, v in sorted(task_spec.items()) if k != "name" and v not in (None, "", {}, [])]
+    return " ".join(parts)
 
 
 def _sample(examples: list[Example], n: int, seed: int) -> list[Example]:

@@ -242,8 +242,10 @@ class RunDir:
 
 
 def _slug(name: str) -> str:
-    out = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.lower()).strip("-")
-    return out[:60] or "run"
+    out = "".join(c if c.isalnum() or c in "-_.=" else "-" for c in name.lower())
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-")[:80] or "run"
 
 
 def _canonical(obj: Any) -> str:
