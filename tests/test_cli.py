@@ -188,3 +188,24 @@ def test_generate_reads_csv_prompts(tiny_llama_dir: Path, tmp_path: Path) -> Non
     bad.write_text("question\nhi\n")
     r = _run("generate", str(tiny_llama_dir), "--file", str(bad))
     assert r.returncode == 2 and "q.csv line 2: expected a 'prompt'" in r.stderr
+
+
+def test_runs_lists_what_each_run_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "r1"
+    run.mkdir()
+    spec = {
+        "task": {"name": "harmfulness", "prefill": "target"},
+        "dataset": {"name": "advbench", "options": {}},
+        "model": {"ref": {"base": "smollm2-135m-aligned", "kind": "alias"}},
+    }
+    (run / "run.json").write_text(json.dumps({"kind": "eval", "status": "finished", "spec": spec}))
+    metric = {"name": "harmful_rate", "value": 0.3, "ci_low": 0.22, "ci_high": 0.4}
+    (run / "metrics.json").write_text(json.dumps({"metrics": {"harmful_rate": metric}}))
+    (tmp_path / "not-a-run").mkdir()
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "harmfulness advbench prefill=target on smollm2-135m-aligned" in out
+    assert "harmful_rate 0.300 [0.220, 0.400]" in out and "not-a-run" not in out

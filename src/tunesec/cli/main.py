@@ -65,6 +65,7 @@ for _module in (
     "tunesec.cli.attack",
     "tunesec.cli.certify",
     "tunesec.cli.judge_cmd",
+    "tunesec.cli.runs_cmd",
 ):
     _register_optional(_module)
 
