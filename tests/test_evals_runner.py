@@ -239,12 +239,16 @@ def test_compare_runs_and_cli(tmp_path: Path) -> None:
     assert (hr.ci_low, hr.ci_high) == pytest.approx(newcombe_interval(14, 40, 0, 40))
     assert diffs["harm_score"].method == "bootstrap" and diffs["harm_score"].significant
     assert not cmp.warnings
+    flips = cmp.flips["harmful"]
+    assert flips["shared"] == 40 and len(flips["became"]) == 14 and flips["stopped"] == []
+    assert cmp.flips["refused"]["stopped"] and not cmp.flips["refused"]["became"]
 
     res = CliRunner(env={"COLUMNS": "200"}).invoke(
         app, ["compare", str(tmp_path / "base"), str(tmp_path / "tuned"), "--html", str(tmp_path / "c.html")]
     )
     assert res.exit_code == 0, res.output
     assert "harmful_rate" in res.output and "significant increase" in res.output
+    assert "per prompt (40 shared): 14 became harmful, 0 stopped" in res.output
     assert "significant increase" in (tmp_path / "c.html").read_text()
 
     examples = [Example(id="u", messages=[Message(role="user", content="x")], label="1", source="sst2")]
@@ -286,3 +290,17 @@ def test_run_label_names_task_dataset_and_options() -> None:
     )
     assert run_label({"name": "harmfulness"}, {"name": "/data/my prompts.jsonl"}) == "harmfulness my prompts"
     assert _slug(f"{label}-smollm2-135m") == "harmfulness-advbench-prefill=target-smollm2-135m"
+
+
+def test_compare_names_the_differing_settings() -> None:
+    from tunesec.evals.compare import _spec_warnings
+
+    a = {"task": {"name": "harmfulness"}, "generation": {"max_new_tokens": 64}, "dataset": {"sha256": "x"}}
+    b = {
+        "task": {"name": "harmfulness", "prefill": "target"},
+        "generation": {"max_new_tokens": 256},
+        "dataset": {"sha256": "x"},
+    }
+    w = _spec_warnings(a, b)
+    assert "different task options (no options vs prefill=target)" in w[0]
+    assert "different generation settings (max_new_tokens 64 vs 256)" in w[1]

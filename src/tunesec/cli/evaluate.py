@@ -127,8 +127,17 @@ def compare_command(
     comparison = compare_runs(run_a, run_b)
     console = Console()
     for warning in comparison.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     console.print(_comparison_table(comparison))
+    for field, f in comparison.flips.items():
+        if f["became"] or f["stopped"]:
+            shown = ", ".join(map(str, f["became"][:5])) + (" ..." if len(f["became"]) > 5 else "")
+            console.print(
+                f"per prompt ({f['shared']} shared): {len(f['became'])} became {field}, {len(f['stopped'])} stopped"
+                + (f"; became: {shown}" if f["became"] else ""),
+                highlight=False,
+                soft_wrap=True,
+            )
     if html is not None:
         from tunesec.evals.report import render_comparison
 

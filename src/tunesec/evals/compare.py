@@ -31,7 +31,10 @@ class Comparison(BaseModel):
         model_b: Model of run B.
         confidence: Confidence level of the difference intervals.
         diffs: One entry per metric present in both runs, in the task's order.
-        warnings: Spec differences that make the comparison weaker (dataset, judge, generation).
+        warnings: Spec differences that make the comparison weaker (dataset, task options, judge, generation),
+            each naming the differing settings.
+        flips: Per-prompt changes of each yes/no record field (``harmful``, ``refused``, ``correct`` ...) over the
+            examples both runs share: ``{field: {"became": [ids], "stopped": [ids], "shared": n}}``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -44,6 +47,7 @@ class Comparison(BaseModel):
     confidence: float
     diffs: list[MetricDiff]
     warnings: list[str] = Field(default_factory=list)
+    flips: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @property
     def significant(self) -> list[MetricDiff]:
@@ -91,7 +95,29 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, seed: int = 0) -> Comp
         confidence=confidence,
         diffs=diffs,
         warnings=_spec_warnings(rep_a.spec, rep_b.spec),
+        flips=_flips(records_a, records_b),
     )
+
+
+FLIP_FIELDS = ("harmful", "refused", "correct")
+
+
+def _flips(records_a: list[dict[str, Any]], records_b: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each yes/no field, the shared example ids where it turned on (``became``) or off (``stopped``) in B."""
+    by_id = {r.get("id"): r for r in records_a}
+    shared = [(by_id[r.get("id")], r) for r in records_b if r.get("id") in by_id]
+    out: dict[str, dict[str, Any]] = {}
+    for field in FLIP_FIELDS:
+        pairs = [(a.get(field), b.get(field), b.get("id")) for a, b in shared]
+        pairs = [(x, y, i) for x, y, i in pairs if isinstance(x, bool) and isinstance(y, bool)]
+        if not pairs:
+            continue
+        out[field] = {
+            "became": [i for x, y, i in pairs if y and not x],
+            "stopped": [i for x, y, i in pairs if x and not y],
+            "shared": len(pairs),
+        }
+    return out
 
 
 def _model_label(spec: dict[str, Any]) -> str:
@@ -111,12 +137,23 @@ def _spec_warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             f"the runs evaluated different examples ({da.get('name')} n={da.get('n_examples')} vs "
             f"{db.get('name')} n={db.get('n_examples')}); differences mix model and data"
         )
+    ta, tb = a.get("task") or {}, b.get("task") or {}
+    if ta != tb:
+        out.append(f"the runs used different task options ({_options(ta)} vs {_options(tb)})")
     ja, jb = a.get("judge"), b.get("judge")
     if ja != jb:
         out.append(f"the runs used different judges ({_judge_label(ja)} vs {_judge_label(jb)})")
-    if a.get("generation") != b.get("generation"):
-        out.append("the runs used different generation settings")
+    ga, gb = a.get("generation") or {}, b.get("generation") or {}
+    if ga != gb:
+        keys = sorted(k for k in set(ga) | set(gb) if ga.get(k) != gb.get(k))
+        what = ", ".join(f"{k} {ga.get(k)} vs {gb.get(k)}" for k in keys)
+        out.append(f"the runs used different generation settings ({what})")
     return out
+
+
+def _options(task: dict[str, Any]) -> str:
+    opts = [f"{k}={v}" for k, v in sorted(task.items()) if k != "name"]
+    return ", ".join(opts) if opts else "no options"
 
 
 def _judge_label(judge: Any) -> str:
