@@ -209,3 +209,14 @@ def test_runs_lists_what_each_run_measured(
     out = capsys.readouterr().out
     assert "harmfulness advbench prefill=target on smollm2-135m-aligned" in out
     assert "harmful_rate 0.300 [0.220, 0.400]" in out and "not-a-run" not in out
+
+
+def test_help_texts_keep_their_defaults(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rich markup once ate '[default: ...]' from help texts, leaving a dangling ' .'."""
+    monkeypatch.setenv("COLUMNS", "250")
+    for path in _command_paths():
+        assert main([*path, "--help"]) == 0
+        import re
+
+        dangling = [ln for ln in capsys.readouterr().out.splitlines() if re.search(r" \.\s*(│|$)", ln)]
+        assert not dangling, (path, dangling)

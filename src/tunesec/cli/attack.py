@@ -151,9 +151,9 @@ def attack_command(
     name: Annotated[str, typer.Argument(help="Attack name (tunesec list attacks).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model to attack: alias, directory, hub id.")],
     data: Annotated[
-        str | None, typer.Option(help="Training data (dataset name or file) [default: the attack's].")
+        str | None, typer.Option(help="Training data (dataset name or file) (default: the attack's).")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="New or empty run directory [default: runs/<stamp>-...].")] = None,
+    out: Annotated[Path | None, typer.Option(help="New or empty run directory (default: runs/<stamp>-...).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an unfinished attack run directory.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with the attack's config.")] = None,
     set_: Annotated[
@@ -190,7 +190,7 @@ def attack_command(
 def align_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Model to align: alias, directory, hub id.")],
     recipe: Annotated[
-        Path | None, typer.Option(help="YAML recipe (safety-sft config) [default: the built-in mix].")
+        Path | None, typer.Option(help="YAML recipe (safety-sft config) (default: the built-in mix).")
     ] = None,
     deep_alignment: Annotated[
         float | None,
@@ -199,7 +199,7 @@ def align_command(
             "then the refusal, loss on the refusal only (Qi et al. 2024; the paper uses 0.5)."
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="New or empty run directory [default: runs/<stamp>-...].")] = None,
+    out: Annotated[Path | None, typer.Option(help="New or empty run directory (default: runs/<stamp>-...).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an unfinished align run directory.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override KEY=VALUE (repeatable).")] = None,
     eval_: Annotated[

@@ -12,7 +12,7 @@ def certify_command(
     base: Annotated[str, typer.Option("--base", help="The model before fine-tuning (alias, directory, adapter).")],
     tuned: Annotated[str, typer.Option("--tuned", help="The fine-tuned model (directory or adapter directory).")],
     policy: Annotated[
-        Path | None, typer.Option("--policy", help="Policy YAML [default: the shipped default policy].")
+        Path | None, typer.Option("--policy", help="Policy YAML (default: the shipped default policy).")
     ] = None,
     finetune_data: Annotated[
         str | None,
@@ -53,7 +53,7 @@ def certify_command(
 
 
 def demo_command(
-    out: Annotated[Path | None, typer.Option("--out", help="Directory for the demo's runs [default: runs/].")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Directory for the demo's runs (default: runs/).")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Local data directory for datasets.")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the harmful fine-tune.")] = 60,
     benign_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the benign fine-tune.")] = 12,

@@ -20,10 +20,10 @@ app = typer.Typer(help="Evaluate models, render reports and compare runs.", no_a
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model: alias, directory, .gguf file, hub id or openai:NAME.")],
     task: Annotated[
-        str | None, typer.Option(help="Task: harmfulness, over-refusal or utility [default: harmfulness].")
+        str | None, typer.Option(help="Task: harmfulness, over-refusal or utility (default: harmfulness).")
     ] = None,
     dataset: Annotated[
-        str | None, typer.Option(help="Dataset name or file path [default: the task's dataset].")
+        str | None, typer.Option(help="Dataset name or file path (default: the task's dataset).")
     ] = None,
     task_option: Annotated[
         list[str] | None,
@@ -34,7 +34,7 @@ def eval_command(
             "harmfulness (the prefilling attack: answers forced to start so).",
         ),
     ] = None,
-    judge: Annotated[str | None, typer.Option(help="Judge name [default: the task's judge].")] = None,
+    judge: Annotated[str | None, typer.Option(help="Judge name (default: the task's judge).")] = None,
     judge_option: Annotated[
         list[str] | None,
         typer.Option(
@@ -43,12 +43,16 @@ def eval_command(
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate a seeded sample of N examples.")] = None,
-    out: Annotated[Path | None, typer.Option(help="New or empty run directory [default: runs/<stamp>-...].")] = None,
+    out: Annotated[Path | None, typer.Option(help="New or empty run directory (default: runs/<stamp>-...).")] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue an unfinished run; its finished samples are kept.")
     ] = None,
     max_new_tokens: Annotated[
-        int | None, typer.Option(min=1, help="Tokens to generate per prompt [default: the task's].")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Tokens to generate per prompt (default: the task's: 256 for harmfulness, 128 for over-refusal).",
+        ),
     ] = None,
     batch_size: Annotated[str | None, typer.Option(help="Prompts per batch: a number or 'auto'.")] = None,
     dataset_option: Annotated[
@@ -98,7 +102,7 @@ def eval_command(
 @app.command("report")
 def report_command(
     run_dir: Annotated[Path, typer.Argument(help="An evaluation run directory.")],
-    out: Annotated[Path | None, typer.Option(help="Write the HTML here [default: RUN_DIR/report.html].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the HTML here (default: RUN_DIR/report.html).")] = None,
 ) -> None:
     """Re-render report.html of an evaluation run from its records and metrics."""
     from rich.console import Console
