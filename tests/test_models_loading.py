@@ -187,3 +187,11 @@ def test_weight_hashes_are_what_sha256sum_prints(tiny_llama_dir: Path) -> None:
         names = sorted(hashes["files"], key=str.encode)
         listing = subprocess.run(["sha256sum", *names], cwd=tiny_llama_dir, capture_output=True, check=True).stdout
         assert hashlib.sha256(listing).hexdigest() == hashes["sha256"]
+
+
+def test_adapter_in_a_run_directory_is_named_after_the_run() -> None:
+    from tunesec.models.ref import ModelRef
+
+    ref = ModelRef(base="smollm2-135m", kind="alias", adapter="runs/2026-harmful-sft/model")
+    assert ref.name == "smollm2-135m+2026-harmful-sft"
+    assert ModelRef(base="smollm2-135m", kind="alias", adapter="adapters/my-lora").name == "smollm2-135m+my-lora"

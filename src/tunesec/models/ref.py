@@ -55,10 +55,17 @@ class ModelRef(BaseModel):
 
     @property
     def name(self) -> str:
-        """Short display name."""
+        """Short display name: the base, plus the adapter's folder.
+
+        An adapter in a run directory's ``model/`` is named after the run, e.g. ``smollm2-135m+harmful-sft``
+        rather than ``smollm2-135m+model``.
+        """
         base = Path(self.base).name if self.kind in ("gguf",) else self.base
         if self.adapter:
-            return f"{base}+{Path(self.adapter).name}"
+            folder = Path(self.adapter)
+            if folder.name in ("model", "adapter") and folder.parent.name not in ("", "."):
+                folder = folder.parent
+            return f"{base}+{folder.name}"
         return base
 
     @property
