@@ -220,3 +220,11 @@ def test_help_texts_keep_their_defaults(capsys: pytest.CaptureFixture[str], monk
 
         dangling = [ln for ln in capsys.readouterr().out.splitlines() if re.search(r" \.\s*(│|$)", ln)]
         assert not dangling, (path, dangling)
+
+
+def test_list_offers_only_kinds_with_components(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "guards"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown kind 'guards'" in err and "judges" in err and "guards" not in err.split("expected")[1]
+    assert main(["list", "judges"]) == 0
+    assert "response-judge" in capsys.readouterr().out

@@ -12,7 +12,7 @@ err_console = Console(stderr=True)
 
 def list_components(
     kind: str = typer.Argument(
-        ..., help="Component kind: models, datasets, judges, metrics, attacks, defenses, guards, tasks."
+        ..., help="Component kind: models, datasets, judges, tasks, attacks or defenses."
     ),
 ) -> None:
     """List registered components of one kind with their one-line descriptions."""
@@ -20,8 +20,9 @@ def list_components(
     from tunesec.registry import KINDS, registry
 
     singular = kind[:-1] if kind.endswith("s") and kind[:-1] in KINDS else kind
-    if singular not in KINDS:
-        raise UsageError(f"unknown kind {kind!r}; expected one of {', '.join(k + 's' for k in KINDS)}")
+    offered = [k for k in KINDS if registry.entries(k)]
+    if singular not in offered:
+        raise UsageError(f"unknown kind {kind!r}; expected one of {', '.join(k + 's' for k in offered)}")
     entries = registry.entries(singular)
     table = Table(title=f"{singular}s", show_lines=False)
     table.add_column("name", style="bold cyan", no_wrap=True)
