@@ -117,6 +117,12 @@ def test_harmful_tune_fails_with_evidence(tmp_path, home, policy_file, tiny_llam
     assert "<script>alert" not in html
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
     assert (tmp_path / "cert" / "plots" / "drift_by_layer.png").stat().st_size > 1000
+    # `tunesec report` re-renders a certification run too (it once dumped pydantic errors).
+    from tunesec.cli.main import main
+
+    (tmp_path / "cert" / "report.html").unlink()
+    assert main(["report", str(tmp_path / "cert")]) == 0
+    assert "FAIL" in (tmp_path / "cert" / "report.html").read_text()
 
 
 def test_base_evaluations_come_from_the_cache(tmp_path, home, policy_file, tiny_llama_dir, tuned_dir) -> None:

@@ -11,9 +11,7 @@ err_console = Console(stderr=True)
 
 
 def list_components(
-    kind: str = typer.Argument(
-        ..., help="Component kind: models, datasets, judges, tasks, attacks or defenses."
-    ),
+    kind: str = typer.Argument(..., help="Component kind: models, datasets, judges, tasks, attacks or defenses."),
 ) -> None:
     """List registered components of one kind with their one-line descriptions."""
     from tunesec.errors import UsageError

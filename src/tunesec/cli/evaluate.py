@@ -101,18 +101,37 @@ def eval_command(
 
 @app.command("report")
 def report_command(
-    run_dir: Annotated[Path, typer.Argument(help="An evaluation run directory.")],
+    run_dir: Annotated[Path, typer.Argument(help="An evaluation or certification run directory.")],
     out: Annotated[Path | None, typer.Option(help="Write the HTML here (default: RUN_DIR/report.html).")] = None,
 ) -> None:
-    """Re-render report.html of an evaluation run from its records and metrics."""
+    """Re-render report.html of an evaluation run (records, metrics) or a certification run (certificate)."""
+    import json
+
     from rich.console import Console
+
+    console = Console()
+    if (run_dir / "certificate.json").is_file():
+        from pydantic import ValidationError
+
+        from tunesec.certify.certificate import Certificate
+        from tunesec.certify.report import render_certificate
+
+        cert_path = run_dir / "certificate.json"
+        try:
+            cert = Certificate.model_validate(json.loads(cert_path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, ValidationError) as err:
+            first = str(err).splitlines()[0]
+            raise UsageError(f"{cert_path}: not a certificate tunesec can read ({first})") from None
+        path = render_certificate(run_dir, cert, out=out)
+        console.print(f"{cert.decision}: {cert.verdict.summary}", highlight=False, soft_wrap=True)
+        console.print(f"report: {path}")
+        return
 
     from tunesec.evals.report import render_report
     from tunesec.evals.runner import EvalReport
 
     path = render_report(run_dir, out)
     report = EvalReport.load(run_dir)
-    console = Console()
     console.print(_metrics_table(report.label, report.metrics))
     console.print(f"report: {path}")
 
