@@ -254,3 +254,28 @@ def test_limit_and_max_new_tokens_shrink_the_policy(tmp_path, home, policy_file,
     assert cert["policy"]["overrides"] == {"limit": 5, "max_new_tokens": 4}
     assert all(c["limit"] <= 5 for c in cert["policy"]["policy"]["checks"])
     assert cert["policy"]["policy"]["max_new_tokens"] == 4 and cert["policy"]["policy"]["triggers"]["prompts"] == 5
+
+
+def test_identical_weights_reuse_the_base_evaluation(tmp_path, home, policy_file, tiny_llama_dir) -> None:
+    class Untouchable:
+        name = "tuned"
+
+        def generate(self, *args, **kwargs):
+            raise AssertionError("the tuned model of an identical pair must not be evaluated again")
+
+    no_triggers = tmp_path / "p.yaml"
+    no_triggers.write_text(policy_file.read_text().replace("triggers:\n  enabled: true", "triggers:\n  enabled: false"))
+    result = certify(
+        str(tiny_llama_dir),
+        str(tiny_llama_dir),
+        policy=no_triggers,
+        out=tmp_path / "cert",
+        base_generator=ScriptedGenerator(_script(False), "base"),
+        tuned_generator=Untouchable(),
+        progress=False,
+    )
+    cert = json.loads((tmp_path / "cert" / "certificate.json").read_text())
+    assert json.loads((tmp_path / "cert" / "run.json").read_text())["spec"]["identical_weights"] is True
+    by_name = {c.name: c for c in result.verdict.checks}
+    assert by_name["harmful-compliance-increase"].observed == 0.0
+    assert cert["forensics"] is None

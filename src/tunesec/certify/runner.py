@@ -187,9 +187,11 @@ def certify(
     trigger_prompts = _trigger_prompts(pol, data_dir)
     direction_prompts = _direction_prompts(pol, data_dir)
 
+    identical = base_hash["sha256"] == tuned_hash["sha256"]
     spec = {
         "base": base_hash,
         "tuned": tuned_hash,
+        "identical_weights": identical,
         "policy": policy_meta,
         "finetune_data": ft_meta,
         "data_dir": str(data_dir) if data_dir is not None else None,
@@ -201,8 +203,12 @@ def certify(
     judges: dict[str, Judge] = {}
 
     results: list[CheckResult] = list(skipped)
+    if identical:
+        say("tuned and base weights are identical (same sha256): the base's evaluations stand for both models")
     for suite in suites:
-        _run_suite(suite, pol, models, judges, run.path, base_hash["sha256"], use_cache, data_dir, progress, say)
+        _run_suite(
+            suite, pol, models, judges, run.path, base_hash["sha256"], use_cache, data_dir, progress, say, identical
+        )
         results.extend(_check_result(c, suite, pol.confidence, pol.seed) for c in suite.checks)
     results = _policy_order(pol, results)
 
@@ -234,7 +240,9 @@ def certify(
 
     forensics_report = None
     drift_png: bytes | None = None
-    if pol.forensics.enabled:
+    if pol.forensics.enabled and identical:
+        say("forensics: skipped, the weights are identical (no drift to measure)")
+    elif pol.forensics.enabled:
         say("forensics: weight drift by layer and alignment with the base refusal direction")
         forensics_report, drift_png = _forensics(
             models, base_ref, tuned_ref, base_hash["sha256"], direction_prompts, use_cache
@@ -433,6 +441,7 @@ def _run_suite(
     data_dir: str | Path | None,
     progress: bool,
     say: Callable[[str], None],
+    identical: bool = False,
 ) -> None:
     from tunesec import __version__
     from tunesec.evals.runner import EvalReport
@@ -478,6 +487,10 @@ def _run_suite(
         suite.base_run = run_path / "evals" / f"base-{suite.key[:12]}"
         report = run_eval("base", suite.base_run, resume=False)
     suite.base_metrics = report.metrics
+    if identical:
+        # Same weights, same prompts, same seeded decoding: the tuned model's evaluation would be the base's.
+        suite.tuned_run, suite.tuned_metrics = suite.base_run, report.metrics
+        return
     say(f"tuned: evaluating {label}")
     suite.tuned_run = run_path / "evals" / f"tuned-{suite.key[:12]}"
     suite.tuned_metrics = run_eval("tuned", suite.tuned_run, resume=False).metrics
