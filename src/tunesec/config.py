@@ -20,7 +20,8 @@ C = TypeVar("C", bound="Config")
 class Config(BaseModel):
     """Base of every tunesec config: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: a NaN or infinite learning rate, bound or threshold is bad input, not a value.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
