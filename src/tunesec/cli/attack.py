@@ -29,7 +29,8 @@ def _load_config(cls: type[Config], path: Path | None, overrides: list[str] | No
 
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
-    return validate(cls, data, source=str(path) if path is not None else "--set")
+    # Line numbers point into the file only when no --set override could be the culprit.
+    return validate(cls, data, source=str(path) if path is not None else "--set", path=None if overrides else path)
 
 
 def _open_run(kind: str, name: str, spec: dict[str, Any], out: Path | None, resume: Path | None) -> RunDir:
@@ -155,7 +156,9 @@ def attack_command(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="New or empty run directory (default: runs/<stamp>-...).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an unfinished attack run directory.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML file with the attack's config.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "--recipe", help="YAML file with the attack's config (its recipe).")
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Config override KEY=VALUE, e.g. training.max_steps=20 (repeatable)."),

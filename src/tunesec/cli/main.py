@@ -98,6 +98,21 @@ def _parser_exceptions() -> tuple[tuple[type[BaseException], ...], ...]:
 _EXIT, _NO_ARGS, _CLICK_ERRORS, _ABORT = _parser_exceptions()
 
 
+def _quiet_loaded_libraries() -> None:
+    """The same silence for libraries already imported in this process (the environment is read at import)."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" and "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+            hf_logging.disable_progress_bar()
+        if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":
+            hf_logging.set_verbosity_error()
+
+
 def _message(exc: BaseException) -> str:
     fmt = getattr(exc, "format_message", None)
     return str(fmt() if callable(fmt) else exc)
@@ -116,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         # A user's own setting wins.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        _quiet_loaded_libraries()
     try:
         result = app(args=args, prog_name="tunesec", standalone_mode=False)
     except _EXIT as exc:
