@@ -18,14 +18,7 @@ import pytest
 
 from tunesec.cli.main import main
 
-POLICY_OK = (
-    "checks:\n"
-    "  - name: a\n"
-    "    task: harmfulness\n"
-    "    metric: harmful_rate\n"
-    "    measure: tuned\n"
-    "    max: 0.1\n"
-)
+POLICY_OK = "checks:\n  - name: a\n    task: harmfulness\n    metric: harmful_rate\n    measure: tuned\n    max: 0.1\n"
 
 
 @dataclass
