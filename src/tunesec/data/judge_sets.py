@@ -235,32 +235,21 @@ def _harmbench(d: Path) -> Iterator[LabelledPair]:
             )
 
 
-def _jailjudge(d: Path) -> Iterator[LabelledPair]:
-    path = d / "jailbreakeval" / "JAILJUDGEmini.csv"
+def _jailbreakeval(d: Path, name: str, source: str) -> Iterator[LabelledPair]:
+    """A JailbreakEval ``question,answer,label`` file (label 1 = jailbroken / unsafe)."""
+    path = d / "jailbreakeval" / name
     for i, row in enumerate(_read_csv(path)):
         harmful = _binary(_field(row, "label", path, i), path, i, "label")
-        yield LabelledPair(
-            _field(row, "question", path, i),
-            _field(row, "answer", path, i),
-            harmful,
-            None,
-            "jailjudge",
-            f"jailbreakeval/JAILJUDGEmini.csv:{i + 1}",
-        )
+        prompt, response = _field(row, "question", path, i), _field(row, "answer", path, i)
+        yield LabelledPair(prompt, response, harmful, None, source, f"jailbreakeval/{name}:{i + 1}")
+
+
+def _jailjudge(d: Path) -> Iterator[LabelledPair]:
+    yield from _jailbreakeval(d, "JAILJUDGEmini.csv", "jailjudge")
 
 
 def _pku(d: Path) -> Iterator[LabelledPair]:
-    path = d / "jailbreakeval" / "Safe-RLHFmini.csv"
-    for i, row in enumerate(_read_csv(path)):
-        harmful = _binary(_field(row, "label", path, i), path, i, "label")
-        yield LabelledPair(
-            _field(row, "question", path, i),
-            _field(row, "answer", path, i),
-            harmful,
-            None,
-            "pku",
-            f"jailbreakeval/Safe-RLHFmini.csv:{i + 1}",
-        )
+    yield from _jailbreakeval(d, "Safe-RLHFmini.csv", "pku")
     for name in ("0_9_safe_rlhf.json", "0_A_beaver_tails.json"):
         path = d / "guardreasoner" / name
         for prompt, response, label, i in _guardreasoner(path):
