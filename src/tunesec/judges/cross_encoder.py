@@ -327,10 +327,11 @@ def aggregate(windows: Sequence[Window], logits: np.ndarray, n_items: int, cfg: 
 
 
 @lru_cache(maxsize=2)
-def _shared(weights_dir: str) -> tuple[Any, Any, CrossEncoderConfig]:
+def _shared(weights_dir: str) -> tuple[Any, Any, threading.Lock]:
+    """Tokenizer, model and the lock that serialises its use, loaded once per weights folder and process."""
     cfg = CrossEncoderConfig.load(Path(weights_dir) / "config.json")
     tokenizer, model = load_model(weights_dir, cfg)
-    return tokenizer, model, cfg
+    return tokenizer, model, threading.Lock()
 
 
 @register(
@@ -353,14 +354,17 @@ class ResponseJudge(Judge):
         self.weights_dir = Path(weights_dir) if weights_dir is not None else DEFAULT_DIR
         self.config = CrossEncoderConfig.load(self.weights_dir / "config.json")
         self.batch_size = batch_size
-        self._lock = threading.Lock()
 
     def spec(self) -> dict[str, Any]:
         """Name, version and the weights' version and shape."""
+        from tunesec.models.fingerprint import file_sha256
+
+        weights = self.weights_dir / "top.safetensors"
         return {
             "name": self.name,
             "version": self.version,
             "weights_version": self.config.version,
+            "weights_sha256": file_sha256(weights) if weights.is_file() else None,
             "top_layers": self.config.top_layers,
             "max_length": self.config.max_length,
         }
@@ -369,9 +373,9 @@ class ResponseJudge(Judge):
         """Per item ``[P(harmful), P(refused), windows, argmax window]`` (see :func:`aggregate`)."""
         if not items:
             return np.zeros((0, 4))
-        tokenizer, model, _ = _shared(str(self.weights_dir))
+        tokenizer, model, lock = _shared(str(self.weights_dir))
         windows = make_windows(tokenizer, [i.prompt for i in items], [i.response for i in items], self.config)
-        with self._lock:
+        with lock:
             logits = window_logits(model, tokenizer, windows, self.batch_size)
         return aggregate(windows, logits, len(items), self.config)
 
