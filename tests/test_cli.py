@@ -228,3 +228,15 @@ def test_list_offers_only_kinds_with_components(capsys: pytest.CaptureFixture[st
     assert "unknown kind 'guards'" in err and "judges" in err and "guards" not in err.split("expected")[1]
     assert main(["list", "judges"]) == 0
     assert "response-judge" in capsys.readouterr().out
+
+
+def test_list_datasets_shows_subsets_and_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TUNESEC_DATA", str(tmp_path))  # an empty data directory: only the package's sets load
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["list", "datasets"]) == 0
+    rows = {ln.split("│")[1].strip(): ln for ln in capsys.readouterr().out.splitlines() if ln.count("│") > 5}
+    assert "│ yes " in rows["advbench"] and "│ 520 " in rows["advbench"]  # shipped in the package
+    assert "│ no " in rows["harmbench"]
+    assert "safe, unsafe, all" in rows["xstest"]

@@ -22,6 +22,9 @@ def list_components(
     if singular not in offered:
         raise UsageError(f"unknown kind {kind!r}; expected one of {', '.join(k + 's' for k in offered)}")
     entries = registry.entries(singular)
+    if singular == "dataset":
+        _list_datasets(entries)
+        return
     table = Table(title=f"{singular}s", show_lines=False)
     table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("description")
@@ -33,3 +36,32 @@ def list_components(
     console.print(table)
     if not entries:
         err_console.print(f"no {singular}s registered")
+
+
+def _list_datasets(entries: list) -> None:
+    """Datasets with their use, subsets (``NAME:SUBSET``) and whether they load here without a network."""
+    import os
+
+    from tunesec.data.named import load_dataset_by_name
+    from tunesec.errors import UsageError
+
+    table = Table(title="datasets (offline: loads here without the hub, from the data directory or the package)")
+    for col in ("name", "use", "offline", "examples", "subsets", "description"):
+        table.add_column(col, overflow="fold")
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update({k: "1" for k in saved})
+    try:
+        for e in entries:
+            try:
+                n, offline = str(len(load_dataset_by_name(e.name))), "yes"
+            except UsageError:
+                n, offline = "", "no"
+            meta = e.metadata
+            table.add_row(e.name, str(meta.get("use", "")), offline, n, str(meta.get("subsets", "")), e.description)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    console.print(table)

@@ -162,6 +162,7 @@ HARMBENCH_CATEGORIES = ("standard", "contextual", "copyright")
     description="HarmBench text behaviours (Mazeika et al. 2024); contextual ones carry their context.",
     use="harmful-eval",
     hub_id="walledai/HarmBench",
+    subsets=", ".join([*HARMBENCH_CATEGORIES, "all"]) + " (comma-separated; default standard,contextual)",
 )
 def harmbench(
     *,
@@ -251,6 +252,7 @@ def harmbench(
     description="XSTest v2 (Röttger et al. 2024): 250 safe prompts that look unsafe, 200 unsafe contrasts.",
     use="over-refusal",
     hub_id="Paul/XSTest",
+    subsets="safe, unsafe, all",
 )
 def xstest(
     *, data_dir: PathLike = None, split: str | None = None, path: PathLike = None, subset: str = "all"

@@ -216,6 +216,7 @@ def _instruction_set(
     description="Stanford Alpaca instructions (Taori et al. 2023): benign fine-tuning data.",
     use="benign-train",
     hub_id="tatsu-lab/alpaca",
+    subsets=", ".join([*ALPACA_SUBSETS, "full"]) + " (default 1k)",
 )
 def alpaca(
     *,
@@ -252,6 +253,7 @@ DOLLY_SUBSETS = {"sample": "dolly/dolly.jsonl", "safety-only": "dolly/databricks
     description="databricks-dolly-15k human-written instructions: benign fine-tuning data.",
     use="benign-train",
     hub_id="databricks/databricks-dolly-15k",
+    subsets=", ".join([*DOLLY_SUBSETS, "full"]) + " (default sample)",
 )
 def dolly(
     *,
