@@ -240,3 +240,16 @@ def test_list_datasets_shows_subsets_and_offline(
     assert "│ yes " in rows["advbench"] and "│ 520 " in rows["advbench"]  # shipped in the package
     assert "│ no " in rows["harmbench"]
     assert "safe, unsafe, all" in rows["xstest"]
+
+
+def test_peft_hub_lookup_warnings_are_silenced_unless_debug() -> None:
+    import warnings
+
+    from tunesec.cli.main import main
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        main(["list", "judges"])
+        warnings.warn("Unable to fetch remote file due to the following error x", UserWarning, stacklevel=1)
+        warnings.warn("Could not find a config file in smollm2-135m", UserWarning, stacklevel=1)
+    assert not [w for w in seen if "remote file" in str(w.message) or "config file in" in str(w.message)]

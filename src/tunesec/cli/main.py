@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         # PEFT asks every model it wraps for `is_gradient_checkpointing`, which transformers 5 deprecates: a
         # warning at each adapter load that concerns neither the user's model nor their command
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        # PEFT's save_pretrained looks the base model's config up on the hub to see whether the vocabulary changed;
+        # a local or aliased base is not on the hub (and the machine may be offline): two warnings per saved adapter
+        # about a look-up tunesec does not need (it records the base itself).
+        warnings.filterwarnings("ignore", message="Unable to fetch remote file", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
         # transformers' and the hub's own progress bars ("Loading weights", "Converting and de-quantizing GGUF
         # tensors") and info logs would interleave with tunesec's progress; read at their import, which comes later.
         # A user's own setting wins.
