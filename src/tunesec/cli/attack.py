@@ -33,6 +33,17 @@ def _load_config(cls: type[Config], path: Path | None, overrides: list[str] | No
     return validate(cls, data, source=str(path) if path is not None else "--set", path=None if overrides else path)
 
 
+def _use_data_dir(data_dir: Path | None) -> None:
+    """``--data-dir`` for every named dataset the command reads (training data, --eval sets, self-distillation)."""
+    import os
+
+    if data_dir is None:
+        return
+    if not data_dir.is_dir():
+        raise UsageError(f"--data-dir {data_dir}: no such directory")
+    os.environ["TUNESEC_DATA"] = str(data_dir.resolve())
+
+
 def _open_run(kind: str, name: str, spec: dict[str, Any], out: Path | None, resume: Path | None) -> RunDir:
     from tunesec.store.run import RunDir
 
@@ -169,12 +180,14 @@ def attack_command(
     eval_limit: Annotated[int, typer.Option(min=1, help="Prompts for --eval.")] = 100,
     eval_dataset: Annotated[str, typer.Option(help="Harmful prompts for --eval.")] = "advbench",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer for --eval.")] = DEFAULT_EVAL_TOKENS,
+    data_dir: Annotated[Path | None, typer.Option(help="Local data directory for named datasets.")] = None,
 ) -> None:
     """Run attack NAME on MODEL; writes a run directory and prints the attacked model's spec."""
     from tunesec.attacks import get_attack
     from tunesec.cli.common import console
     from tunesec.registry import registry
 
+    _use_data_dir(data_dir)
     cls = registry.get("attack", name).obj
     cfg = _load_config(cls.config_class, config, set_)
     attack = get_attack(name, cfg)
@@ -209,11 +222,13 @@ def align_command(
         bool, typer.Option("--eval/--no-eval", help="Evaluate harmfulness (AdvBench) and over-refusal (XSTest).")
     ] = False,
     eval_limit: Annotated[int, typer.Option(min=1, help="Prompts per evaluation for --eval.")] = 100,
+    data_dir: Annotated[Path | None, typer.Option(help="Local data directory for named datasets.")] = None,
 ) -> None:
     """Train a safety-alignment LoRA adapter (refusals + helpful answers); prints the adapter directory."""
     from tunesec.cli.common import console
     from tunesec.defenses.alignment import SafetySFT, SafetySFTConfig
 
+    _use_data_dir(data_dir)
     overrides = list(set_ or [])
     if deep_alignment is not None:
         overrides.append(f"deep_alignment={deep_alignment}")
