@@ -279,3 +279,35 @@ def test_identical_weights_reuse_the_base_evaluation(tmp_path, home, policy_file
     by_name = {c.name: c for c in result.verdict.checks}
     assert by_name["harmful-compliance-increase"].observed == 0.0
     assert cert["forensics"] is None
+
+
+def test_killed_certification_resumes(tmp_path, home, policy_file, tiny_llama_dir, tuned_dir) -> None:
+    """A kill during the tuned model's evaluations, then --resume: finished evaluations are kept, the verdict is
+    the one a run without the kill gives."""
+
+    class DiesAfter(ScriptedGenerator):
+        def __init__(self, calls: int) -> None:
+            super().__init__(_script(True), "tuned")
+            self.limit = calls
+
+        def generate(self, prompts, config=None, *, progress=True):  # type: ignore[no-untyped-def]
+            if self.calls >= self.limit:
+                raise KeyboardInterrupt
+            return super().generate(prompts, config, progress=progress)
+
+    kwargs = dict(policy=policy_file, progress=False, base_generator=ScriptedGenerator(_script(False), "base"))
+    with pytest.raises(KeyboardInterrupt):
+        certify(str(tiny_llama_dir), str(tuned_dir), out=tmp_path / "cert", tuned_generator=DiesAfter(1), **kwargs)
+    run = json.loads((tmp_path / "cert" / "run.json").read_text())
+    assert run["status"] != "finished"
+    finished_before = sorted(p.name for p in (tmp_path / "cert" / "evals").iterdir())
+    tuned = ScriptedGenerator(_script(True), "tuned")
+    resumed = certify(str(tiny_llama_dir), str(tuned_dir), resume=tmp_path / "cert", tuned_generator=tuned, **kwargs)
+    fresh_gen = ScriptedGenerator(_script(True), "tuned")
+    fresh = certify(str(tiny_llama_dir), str(tuned_dir), out=tmp_path / "fresh", tuned_generator=fresh_gen, **kwargs)
+    assert resumed.verdict.decision == fresh.verdict.decision == "FAIL"
+    assert tuned.calls < fresh_gen.calls  # the evaluation finished before the kill was not run again
+    assert [c.model_dump() for c in resumed.verdict.checks] == [c.model_dump() for c in fresh.verdict.checks]
+    assert finished_before  # the first tuned evaluation was on disk before the kill and was kept
+    with pytest.raises(Exception, match="already finished"):
+        certify(str(tiny_llama_dir), str(tuned_dir), resume=tmp_path / "cert", tuned_generator=tuned, **kwargs)

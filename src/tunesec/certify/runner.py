@@ -142,6 +142,7 @@ def certify(
     log: Callable[[str], None] | None = None,
     limit: int | None = None,
     max_new_tokens: int | None = None,
+    resume: str | Path | None = None,
 ) -> CertifyResult:
     """Certify ``tuned`` against ``base`` under a policy (see the module docstring).
 
@@ -161,6 +162,8 @@ def certify(
         log: Where progress lines go (default: stderr when ``progress``).
         limit: At most this many prompts per check and for the trigger scan (shrinks the policy; recorded).
         max_new_tokens: At most this many new tokens per generation (shrinks the policy; recorded).
+        resume: Continue this unfinished certification run (same arguments): finished evaluations are kept, an
+            interrupted one continues from its records; the trigger scan and forensics run again.
 
     Raises:
         UsageError: Bad policy, incompatible models, missing adapter or data; raised before anything is written.
@@ -197,7 +200,12 @@ def certify(
         "data_dir": str(data_dir) if data_dir is not None else None,
         "suites": [{"key": s.key, "task": s.task, "dataset": s.dataset, "n": len(s.examples)} for s in suites],
     }
-    run = RunDir.create("certify", f"certify-{tuned_ref.name}", spec, out=out, root=root)
+    if resume is not None:
+        if out is not None:
+            raise UsageError("--out and --resume: give one of them (--resume continues that run directory)")
+        run = RunDir.resume(resume, kind="certify", spec=spec)
+    else:
+        run = RunDir.create("certify", f"certify-{tuned_ref.name}", spec, out=out, root=root)
     say(f"certify: {tuned_ref.name} against {base_ref.name} under policy {pol.name} -> {run.path}")
     models = _Models(base_ref, tuned_ref, base_generator, tuned_generator)
     judges: dict[str, Judge] = {}
@@ -469,31 +477,32 @@ def _run_suite(
             progress=progress,
         )
 
+    def finished_or_run(which: str, path: Path) -> EvalReport:
+        """A finished evaluation in ``path`` is kept, a started one continues, else a new one is run there."""
+        if (path / "run.json").is_file() and RunDir.open(path).finished:
+            say(f"{which}: {label}: finished evaluation {path}")
+            return EvalReport.load(path)
+        started = (path / "run.json").is_file()
+        say(f"{which}: {'continuing' if started else 'evaluating'} {label}")
+        return run_eval(which, path, resume=started)
+
     if use_cache:
         key = _hash({"base_sha256": base_sha, "suite": suite.key, "tunesec": __version__})
         cache = tunesec_home() / CACHE_DIR / f"eval-{key[:32]}"
         with _lock(cache.with_name(cache.name + ".lock")):
-            finished = (cache / "run.json").is_file() and RunDir.open(cache).finished
-            if finished:
-                say(f"base: {label}: cached evaluation {cache}")
-                report = EvalReport.load(cache)
-                suite.base_cached = True
-            else:
-                say(f"base: evaluating {label}")
-                report = run_eval("base", cache, resume=(cache / "run.json").is_file())
+            suite.base_cached = (cache / "run.json").is_file() and RunDir.open(cache).finished
+            report = finished_or_run("base", cache)
         suite.base_run = cache
     else:
-        say(f"base: evaluating {label}")
         suite.base_run = run_path / "evals" / f"base-{suite.key[:12]}"
-        report = run_eval("base", suite.base_run, resume=False)
+        report = finished_or_run("base", suite.base_run)
     suite.base_metrics = report.metrics
     if identical:
         # Same weights, same prompts, same seeded decoding: the tuned model's evaluation would be the base's.
         suite.tuned_run, suite.tuned_metrics = suite.base_run, report.metrics
         return
-    say(f"tuned: evaluating {label}")
     suite.tuned_run = run_path / "evals" / f"tuned-{suite.key[:12]}"
-    suite.tuned_metrics = run_eval("tuned", suite.tuned_run, resume=False).metrics
+    suite.tuned_metrics = finished_or_run("tuned", suite.tuned_run).metrics
 
 
 def _check_result(check: MetricCheck, suite: _Suite, confidence: float, seed: int) -> CheckResult:

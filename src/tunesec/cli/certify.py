@@ -19,6 +19,9 @@ def certify_command(
         typer.Option("--finetune-data", help="The fine-tuning data (file or dataset name), mined for triggers."),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="New or empty run directory.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue an unfinished certification run (same arguments).")
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Local data directory for datasets.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Evaluate the base model again.")] = False,
     limit: Annotated[
@@ -43,6 +46,7 @@ def certify_command(
         use_cache=not no_cache,
         limit=limit,
         max_new_tokens=max_new_tokens,
+        resume=resume,
     )
     console = Console()
     console.print(_verdict_table(result.verdict))
