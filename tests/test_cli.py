@@ -253,3 +253,20 @@ def test_peft_hub_lookup_warnings_are_silenced_unless_debug() -> None:
         warnings.warn("Unable to fetch remote file due to the following error x", UserWarning, stacklevel=1)
         warnings.warn("Could not find a config file in smollm2-135m", UserWarning, stacklevel=1)
     assert not [w for w in seen if "remote file" in str(w.message) or "config file in" in str(w.message)]
+
+
+def test_a_bug_is_one_line_exit_1_and_a_traceback_with_debug(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tunesec.cli.common as common
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(common.console, "print", boom)
+    assert main(["list", "judges"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "internal error: ZeroDivisionError: division by zero" in err
+    assert "--debug" in err and "Traceback" not in err
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "list", "judges"])

@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 import warnings
+from pathlib import Path
 from typing import Any
 
 import click
@@ -164,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         common.err_console.print("interrupted")
         return 130
+    except Exception as exc:  # a bug, not bad input: one line too, the traceback behind --debug
+        if debug:
+            raise
+        frames = traceback.extract_tb(exc.__traceback__)
+        at = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+        common.err_console.print(
+            f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(' '.join(str(exc).split()))}{at} "
+            "(a tunesec bug: rerun with --debug for the traceback and report it)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 1
     return int(result) if isinstance(result, int) else 0
 
 
