@@ -4,7 +4,7 @@ Accuracy: the five labelled judge sources (:mod:`tunesec.data.judge_sets`). For 
 are its leave-one-source-out predictions written by ``scripts/train_judge.py --out DIR`` (each source scored by
 weights trained without it and without any pair sharing its requests); the older judges, which never trained on
 these sources, score exactly the same rows. Metrics: accuracy, precision, recall, F1, Cohen's kappa, ECE with 95%
-intervals (:mod:`tunesec.judges.agreement`); ``harmful`` on every source, ``refused`` on XSTest (the only source
+intervals (:mod:`tunesec.evals.agreement`); ``harmful`` on every source, ``refused`` on XSTest (the only source
 with refusal labels).
 
 Throughput: responses/s on synthetic (prompt, response) pairs of 256 and 1,024 response tokens (one ``score``
@@ -30,8 +30,8 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from tunesec.data.judge_sets import SOURCES, load_source
+from tunesec.evals.agreement import agreement
 from tunesec.judges import Judge, JudgeInput, get_judge
-from tunesec.judges.agreement import agreement
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"

@@ -20,7 +20,7 @@ import torch
 from train_judge import CALIB_BUCKETS, assemble
 
 from tunesec.data.judge_sets import SOURCES, prompt_bucket
-from tunesec.judges.agreement import agreement
+from tunesec.evals.agreement import agreement
 from tunesec.judges.classifier import featurize, get_embedder
 from tunesec.judges.cross_encoder import OUTPUTS, fit_temperature, sigmoid
 

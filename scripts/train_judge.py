@@ -39,7 +39,7 @@ import torch
 from rich.progress import Progress
 
 from tunesec.data.judge_sets import SOURCES, LabelledPair, load_source, prompt_bucket
-from tunesec.judges.agreement import agreement
+from tunesec.evals.agreement import agreement
 from tunesec.judges.cross_encoder import (
     OUTPUTS,
     CrossEncoderConfig,

@@ -27,7 +27,7 @@ _API: dict[str, str] = {
     "EvalReport": "tunesec.evals",
     "get_judge": "tunesec.judges",
     "JudgeInput": "tunesec.judges",
-    "judge_file": "tunesec.judges.score_file",
+    "judge_file": "tunesec.evals.judge_file",
     "TrainConfig": "tunesec.training",
     "train": "tunesec.training",
     "TrainingHook": "tunesec.training",
@@ -69,8 +69,8 @@ if TYPE_CHECKING:
     from tunesec.data import Example, load_dataset_by_name, load_examples
     from tunesec.errors import UsageError
     from tunesec.evals import EvalReport, evaluate
+    from tunesec.evals.judge_file import judge_file
     from tunesec.judges import JudgeInput, get_judge
-    from tunesec.judges.score_file import judge_file
     from tunesec.models import GenerationConfig, LoadedModel, ModelRef, get_generator, load_model
     from tunesec.registry import register, registry
     from tunesec.store import RunDir

@@ -33,8 +33,8 @@ def judge_command(
     from rich.table import Table
 
     from tunesec.cli.evaluate import _key_values
+    from tunesec.evals.judge_file import judge_file
     from tunesec.judges import get_judge
-    from tunesec.judges.score_file import judge_file
     from tunesec.progress import make_progress
 
     j = get_judge(judge, **_key_values("--judge-option", judge_option))

@@ -20,21 +20,9 @@ def _read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _model_name(model: Any) -> str:
-    """A model spec of a run (a string, or a fingerprint with ``name`` or ``ref``) in a few words."""
-    if not isinstance(model, dict):
-        return str(model or "")
-    if model.get("name"):
-        return str(model["name"])
-    ref = model.get("ref")
-    if isinstance(ref, dict):
-        adapter = ref.get("adapter")
-        return str(ref.get("base", "")) + (f"+{Path(str(adapter)).name}" if adapter else "")
-    return str(ref or "")
-
-
 def describe(run_dir: Path) -> dict[str, str] | None:
     """One row for a run directory (``None`` when it holds no readable run.json)."""
+    from tunesec.evals.compare import model_label
     from tunesec.evals.runner import run_label
 
     meta = _read(run_dir / "run.json")
@@ -43,7 +31,7 @@ def describe(run_dir: Path) -> dict[str, str] | None:
     spec = meta.get("spec") or {}
     kind = str(meta.get("kind", "?"))
     row = {"run": run_dir.name, "kind": kind, "status": str(meta.get("status", "?")), "what": "", "result": ""}
-    model_name = _model_name(spec.get("model"))
+    model_name = model_label(spec)
     if kind == "eval":
         row["what"] = f"{run_label(spec.get('task') or {}, spec.get('dataset') or {})} on {model_name}".strip()
         metrics = (_read(run_dir / "metrics.json") or {}).get("metrics") or {}

@@ -90,8 +90,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, seed: int = 0) -> Comp
         task=rep_a.task,
         run_a=str(run_a),
         run_b=str(run_b),
-        model_a=_model_label(rep_a.spec),
-        model_b=_model_label(rep_b.spec),
+        model_a=model_label(rep_a.spec),
+        model_b=model_label(rep_b.spec),
         confidence=confidence,
         diffs=diffs,
         warnings=_spec_warnings(rep_a.spec, rep_b.spec),
@@ -120,8 +120,11 @@ def _flips(records_a: list[dict[str, Any]], records_b: list[dict[str, Any]]) -> 
     return out
 
 
-def _model_label(spec: dict[str, Any]) -> str:
+def model_label(spec: dict[str, Any]) -> str:
+    """A run's model in a few words: base+adapter folder from its ref, else its name (attack runs: the spec string)."""
     model = spec.get("model") or {}
+    if not isinstance(model, dict):
+        return str(model)
     ref = model.get("ref")
     if isinstance(ref, dict):
         base = str(ref.get("base", "?"))

@@ -2,7 +2,7 @@
 
 The Python side of ``tunesec judge FILE``: :func:`read_pairs` reads JSONL/JSON/CSV/TSV/parquet rows and checks
 them (every bad row is one :class:`~tunesec.errors.UsageError` naming the file, the row and the field),
-:func:`judge_file` scores them and, with a label field, measures agreement (:mod:`tunesec.judges.agreement`) and
+:func:`judge_file` scores them and, with a label field, measures agreement (:mod:`tunesec.evals.agreement`) and
 lists the mismatches. With ``out``, writes into a new folder: ``scores.jsonl`` (one line per row),
 ``agreement.json`` and ``mismatches.jsonl`` (with labels) and ``summary.json``; existing files are never replaced.
 """
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from tunesec.data.readers import read_records
 from tunesec.errors import UsageError
-from tunesec.judges.agreement import Agreement, agreement
+from tunesec.evals.agreement import Agreement, agreement
 from tunesec.judges.base import Judge, JudgeInput, Score
 from tunesec.store.atomic import atomic_write_json, atomic_write_text
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tunesec.judges.agreement import agreement, expected_calibration_error
+from tunesec.evals.agreement import agreement, expected_calibration_error
 
 
 def test_confusion_and_rates_by_hand() -> None:
