@@ -143,3 +143,13 @@ def test_align_cli_bad_mix_leaves_out_dir_usable(tiny_llama_dir: Path, tmp_path:
     assert main(["align", "--model", str(tiny_llama_dir), "--recipe", str(recipe), "--out", str(out)]) == 2
     assert "refusal_data" in capsys.readouterr().err
     assert out.is_dir() and not any(out.iterdir())
+
+
+def test_data_dir_is_set_for_the_command_only(tmp_path: Path, tiny_llama_dir: Path, monkeypatch) -> None:
+    import os
+
+    monkeypatch.delenv("TUNESEC_DATA", raising=False)
+    data = write_chats(tmp_path / "harm.jsonl", 6)
+    code = main(["attack", "harmful-sft", "--model", str(tiny_llama_dir), "--data", str(data), "--out",
+                 str(tmp_path / "run"), "--data-dir", str(tmp_path), "--set", "n_harmful=4", *TINY])  # fmt: skip
+    assert code == 0 and "TUNESEC_DATA" not in os.environ

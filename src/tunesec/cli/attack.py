@@ -33,15 +33,29 @@ def _load_config(cls: type[Config], path: Path | None, overrides: list[str] | No
     return validate(cls, data, source=str(path) if path is not None else "--set", path=None if overrides else path)
 
 
-def _use_data_dir(data_dir: Path | None) -> None:
-    """``--data-dir`` for every named dataset the command reads (training data, --eval sets, self-distillation)."""
+@contextmanager
+def _data_dir(data_dir: Path | None) -> Iterator[None]:
+    """``--data-dir`` for every named dataset the command reads (training data, --eval sets, self-distillation).
+
+    Attacks and defenses resolve named datasets through the data root, which ``$TUNESEC_DATA`` sets; it is set
+    for the command only and restored after it, so an in-process caller's environment is left as it was.
+    """
     import os
 
     if data_dir is None:
+        yield
         return
     if not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir}: no such directory")
+    before = os.environ.get("TUNESEC_DATA")
     os.environ["TUNESEC_DATA"] = str(data_dir.resolve())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TUNESEC_DATA", None)
+        else:
+            os.environ["TUNESEC_DATA"] = before
 
 
 def _open_run(kind: str, name: str, spec: dict[str, Any], out: Path | None, resume: Path | None) -> RunDir:
@@ -187,20 +201,20 @@ def attack_command(
     from tunesec.cli.common import console
     from tunesec.registry import registry
 
-    _use_data_dir(data_dir)
-    cls = registry.get("attack", name).obj
-    cfg = _load_config(cls.config_class, config, set_)
-    attack = get_attack(name, cfg)
-    spec = {"attack": name, "model": model, "data": data, "config": cfg.model_dump(mode="json")}
-    run = _open_run("attack", f"{name}-{Path(model).name}", spec, out, resume)
-    console.print(f"run directory: {run.path}")
-    with _discard_on_bad_input(run):
-        ref = attack.run(model, run.path, data=data, resume=_has_checkpoint(run.path))
-    metrics: dict[str, Any] = {}
-    if eval_:
-        metrics = evaluate_tuned(ref, run, limit=eval_limit, dataset=eval_dataset, max_new_tokens=max_new_tokens)
-    run.finish(metrics=metrics or None, model=ref.model_dump(mode="json"))
-    typer.echo(model_spec_string(ref))
+    with _data_dir(data_dir):
+        cls = registry.get("attack", name).obj
+        cfg = _load_config(cls.config_class, config, set_)
+        attack = get_attack(name, cfg)
+        spec = {"attack": name, "model": model, "data": data, "config": cfg.model_dump(mode="json")}
+        run = _open_run("attack", f"{name}-{Path(model).name}", spec, out, resume)
+        console.print(f"run directory: {run.path}")
+        with _discard_on_bad_input(run):
+            ref = attack.run(model, run.path, data=data, resume=_has_checkpoint(run.path))
+        metrics: dict[str, Any] = {}
+        if eval_:
+            metrics = evaluate_tuned(ref, run, limit=eval_limit, dataset=eval_dataset, max_new_tokens=max_new_tokens)
+        run.finish(metrics=metrics or None, model=ref.model_dump(mode="json"))
+        typer.echo(model_spec_string(ref))
 
 
 def align_command(
@@ -228,29 +242,29 @@ def align_command(
     from tunesec.cli.common import console
     from tunesec.defenses.alignment import SafetySFT, SafetySFTConfig
 
-    _use_data_dir(data_dir)
-    overrides = list(set_ or [])
-    if deep_alignment is not None:
-        overrides.append(f"deep_alignment={deep_alignment}")
-    cfg = _load_config(SafetySFTConfig, recipe, overrides)
-    assert isinstance(cfg, SafetySFTConfig)
-    if cfg.deep_alignment > 0 and cfg.decision_loss > 0 and cfg.decision_continue_weight == 0:
-        console.print(
-            "[yellow]warning:[/] deep_alignment with decision_loss and no decision_continue_weight teaches the model "
-            "to break off benign answers into refusals (docs/RESULTS.md, v23: 63% XSTest-safe refusal); "
-            "recipes/align-smollm2-deep.yaml sets 0.1"
-        )
-    spec = {"defense": "safety-sft", "model": model, "config": cfg.model_dump(mode="json")}
-    run = _open_run("align", f"align-{Path(model).name}", spec, out, resume)
-    with _discard_on_bad_input(run):
-        examples = _alignment_data(cfg, model, run.path)
-        console.print(f"run directory: {run.path}  ({len(examples)} training examples)")
-        ref = SafetySFT(cfg).run(model, run.path, data=examples, resume=_has_checkpoint(run.path))
-    metrics: dict[str, Any] = {}
-    if eval_:
-        metrics = evaluate_tuned(ref, run, limit=eval_limit, over_refusal=True)
-    run.finish(metrics=metrics or None, model=ref.model_dump(mode="json"))
-    typer.echo(model_spec_string(ref))
+    with _data_dir(data_dir):
+        overrides = list(set_ or [])
+        if deep_alignment is not None:
+            overrides.append(f"deep_alignment={deep_alignment}")
+        cfg = _load_config(SafetySFTConfig, recipe, overrides)
+        assert isinstance(cfg, SafetySFTConfig)
+        if cfg.deep_alignment > 0 and cfg.decision_loss > 0 and cfg.decision_continue_weight == 0:
+            console.print(
+                "[yellow]warning:[/] deep_alignment with decision_loss and no decision_continue_weight teaches the "
+                "model to break off benign answers into refusals (docs/RESULTS.md, v23: 63% XSTest-safe refusal); "
+                "recipes/align-smollm2-deep.yaml sets 0.1"
+            )
+        spec = {"defense": "safety-sft", "model": model, "config": cfg.model_dump(mode="json")}
+        run = _open_run("align", f"align-{Path(model).name}", spec, out, resume)
+        with _discard_on_bad_input(run):
+            examples = _alignment_data(cfg, model, run.path)
+            console.print(f"run directory: {run.path}  ({len(examples)} training examples)")
+            ref = SafetySFT(cfg).run(model, run.path, data=examples, resume=_has_checkpoint(run.path))
+        metrics: dict[str, Any] = {}
+        if eval_:
+            metrics = evaluate_tuned(ref, run, limit=eval_limit, over_refusal=True)
+        run.finish(metrics=metrics or None, model=ref.model_dump(mode="json"))
+        typer.echo(model_spec_string(ref))
 
 
 def _alignment_data(cfg: Any, model: str, run_dir: Path) -> list[Any]:
