@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -300,6 +300,7 @@ def finetune_with_provenance(
     progress: bool = True,
     extra_provenance: dict[str, Any] | None = None,
     hooks: Sequence[TrainingHook] = (),
+    extra_datasets: Mapping[str, Sequence[Example]] | None = None,
 ) -> ModelRef:
     """Fine-tune ``parent`` on ``examples`` with the one training engine and return the new ref.
 
@@ -317,6 +318,7 @@ def finetune_with_provenance(
         progress: Show a progress bar.
         extra_provenance: More provenance fields.
         hooks: Training hooks (a defense's extra loss terms); their names go into the provenance.
+        extra_datasets: Named datasets the hooks draw batches from (``HookContext.batches``).
     """
     from tunesec.data import dataset_sha256
     from tunesec.training import train
@@ -326,7 +328,16 @@ def finetune_with_provenance(
     require_assistant_turns(examples, f"{what} data")
     out = Path(out_dir)
     loaded = load_for_training(ref, method=training.method)
-    result = train(loaded, list(examples), training, out_dir=out, hooks=hooks, resume=resume, progress=progress)
+    result = train(
+        loaded,
+        list(examples),
+        training,
+        out_dir=out,
+        hooks=hooks,
+        extra_datasets=extra_datasets,
+        resume=resume,
+        progress=progress,
+    )
     prov: dict[str, Any] = {
         **component,
         **({"hooks": [h.name for h in hooks]} if hooks else {}),

@@ -25,6 +25,9 @@ def list_components(
     if singular == "dataset":
         _list_datasets(entries)
         return
+    if singular == "defense":
+        _list_defenses(entries)
+        return
     table = Table(title=f"{singular}s", show_lines=False)
     table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("description")
@@ -36,6 +39,27 @@ def list_components(
     console.print(table)
     if not entries:
         err_console.print(f"no {singular}s registered")
+
+
+def _list_defenses(entries: list) -> None:
+    """Defenses grouped by lifecycle stage (the command that runs each stage is named in the section title)."""
+    from tunesec.defenses.base import STAGES
+
+    commands = {"alignment": "tunesec defend", "fine-tuning": "tunesec finetune", "post-fine-tuning": "tunesec repair"}
+    for stage in [*STAGES, *sorted({str(e.metadata.get("stage")) for e in entries} - set(STAGES))]:
+        group = [e for e in entries if e.metadata.get("stage") == stage]
+        if not group:
+            continue
+        run_by = f" (run with {commands[stage]})" if stage in commands else ""
+        table = Table(title=f"{stage}-stage defenses{run_by}")
+        for col in ("name", "description", "paper", "needs harmful data"):
+            table.add_column(col, overflow="fold", style="bold cyan" if col == "name" else None)
+        for e in group:
+            needs = e.metadata.get("needs_harmful")
+            table.add_row(
+                e.name, e.description, str(e.metadata.get("paper", "")), "" if needs is None else str(needs).lower()
+            )
+        console.print(table)
 
 
 def _list_datasets(entries: list) -> None:

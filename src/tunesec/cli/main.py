@@ -64,6 +64,7 @@ def _register_optional(module: str) -> None:
 for _module in (
     "tunesec.cli.evaluate",
     "tunesec.cli.attack",
+    "tunesec.cli.defend_cmd",
     "tunesec.cli.certify",
     "tunesec.cli.judge_cmd",
     "tunesec.cli.runs_cmd",

@@ -410,3 +410,86 @@ def aoa(*, data_dir: PathLike = None, split: str | None = None, path: PathLike =
         split=split or "train",
     )
     return _examples(opened, "aoa", schema="chat")
+
+
+# ------------------------------------------------------ Safety-tuned LLaMAs' evaluation sets and the broad mix
+_STL_EVAL = {
+    "stl-malicious": ("I-MaliciousInstructions.json", "MaliciousInstructions: 100 harmful instructions (GPT-3 made)."),
+    "stl-qharm": ("Q-Harm.json", "Q-Harm: 100 harmful questions from Anthropic's HH red-teaming data."),
+    "stl-cona": ("I-CoNa.json", "CoNa: 178 hateful-speech instructions (expert-written counter-narrative data)."),
+    "stl-physical-unsafe": ("I-PhysicalSafetyUnsafe.json", "PhysicalSafetyUnsafe: 100 unsafe physical-safety prompts."),
+}
+
+
+def _stl_eval(name: str, data_dir: PathLike, split: str | None, path: PathLike) -> list[Example]:
+    file, _ = _STL_EVAL[name]
+    opened = open_source(
+        name,
+        data_dir=data_dir,
+        path=path,
+        local=f"safety_tuned_llamas/evaluation/{file}",
+        hub=None,
+        split=split or "train",
+    )
+    exs = _examples(opened, name, prompt_field=("instructions", "prompt"), response_field="")
+    return [e.model_copy(update={"label": "harmful", "category": name}) for e in exs]
+
+
+def _register_stl(name: str) -> None:
+    def loader(*, data_dir: PathLike = None, split: str | None = None, path: PathLike = None) -> list[Example]:
+        return _stl_eval(name, data_dir, split, path)
+
+    description = f"Safety-tuned LLaMAs (Bianchi et al. 2024) evaluation set {_STL_EVAL[name][1]}"
+    loader.__doc__ = description
+    register("dataset", name, description=description, use="harmful-eval", hub_id=None)(loader)
+
+
+for _name in _STL_EVAL:
+    _register_stl(_name)
+
+# The broad harmful mix: differently phrased harmful requests from seven public sets, equally many from each.
+HARMFUL_MIX_SOURCES: tuple[str, ...] = (
+    "advbench",
+    "jbb-harmful",
+    "xstest:unsafe",
+    "stl-malicious",
+    "stl-qharm",
+    "stl-cona",
+    "stl-physical-unsafe",
+)
+HARMFUL_MIX_PER_SOURCE = 30
+
+
+@register(
+    "dataset",
+    "harmful-mix",
+    description=f"{HARMFUL_MIX_PER_SOURCE} harmful prompts from each of AdvBench, JBB-harmful, XSTest unsafe, "
+    "MaliciousInstructions, Q-Harm, CoNa and PhysicalSafetyUnsafe (seeded); category = source set.",
+    use="harmful-eval",
+    hub_id=None,
+)
+def harmful_mix(*, data_dir: PathLike = None, split: str | None = None, path: PathLike = None) -> list[Example]:
+    """The broad harmful mix: a seeded sample of each source set (category = the source's name).
+
+    Refusal measured on AdvBench alone overstates a model tuned on AdvBench-like refusals; this mix asks the same
+    question in seven phrasings. Each source's sample is fixed (seed 0), so every model sees the same prompts.
+    """
+    import random
+
+    from tunesec.data.named import load_dataset_by_name
+
+    if path is not None:
+        raise UsageError("harmful-mix: is built from named datasets; it takes no path")
+    out: list[Example] = []
+    for spec in HARMFUL_MIX_SOURCES:
+        name, _, subset = spec.partition(":")
+        loaded = (
+            load_dataset_by_name(name, data_dir=data_dir, subset=subset)
+            if subset
+            else load_dataset_by_name(name, data_dir=data_dir)
+        )
+        examples = [e for e in loaded if e.label == "harmful"]
+        chosen = random.Random(f"harmful-mix:{spec}").sample(examples, min(HARMFUL_MIX_PER_SOURCE, len(examples)))
+        category = spec.split(":")[0] if spec != "xstest:unsafe" else "xstest-unsafe"
+        out.extend(e.model_copy(update={"id": f"{category}-{e.id}", "category": category}) for e in chosen)
+    return out

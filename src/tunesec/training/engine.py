@@ -142,11 +142,13 @@ def train(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from tunesec.training.trainer import (
+        BatchStream,
         EngineCallback,
         HookedTrainer,
         accepts_logits_to_keep,
         build_masks,
         lm_loss_mean,
+        load_hook_states,
     )
 
     if config.num_threads is not None:
@@ -165,6 +167,9 @@ def train(
     use_ltk = accepts_logits_to_keep(trainable)
     device = next(trainable.parameters()).device
 
+    streams: list[BatchStream] = []  # every iterator hooks asked for, in order: their positions are checkpointed
+    resumed_counts: list[int] = []  # on resume: how far each stream had got
+
     def batches(
         name: str, batch_size: int | None = None, cycle: bool = True, seed: int | None = None
     ) -> Iterator[Batch]:
@@ -172,14 +177,22 @@ def train(
         if rows is None:
             raise UsageError(f"extra_datasets: no dataset named {name!r}; given: {', '.join(extra_rows) or 'none'}")
         size = batch_size or config.per_device_batch_size
-        gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
-        while True:
-            order = torch.randperm(len(rows), generator=gen).tolist()
-            for i in range(0, len(order), size):
-                batch = collate([rows[j] for j in order[i : i + size]])
-                yield {k: v.to(device) for k, v in batch.items()}
-            if not cycle:
-                return
+
+        def generate() -> Iterator[Batch]:
+            gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
+            while True:
+                order = torch.randperm(len(rows), generator=gen).tolist()
+                for i in range(0, len(order), size):
+                    batch = collate([rows[j] for j in order[i : i + size]])
+                    yield {k: v.to(device) for k, v in batch.items()}
+                if not cycle:
+                    return
+
+        stream = BatchStream(generate())
+        if len(streams) < len(resumed_counts):
+            stream.skip(resumed_counts[len(streams)])
+        streams.append(stream)
+        return stream
 
     ctx = HookContext(
         config=config,
@@ -190,8 +203,12 @@ def train(
         lm_loss=lambda m, b: lm_loss_mean(m, b, logits_to_keep=use_ltk),
         device=device,
     )
+    if resume_from is not None:
+        resumed_counts.extend(load_hook_states([], resume_from))
     for hook in hooks:
         hook.setup(ctx)
+    if resume_from is not None:
+        load_hook_states(hooks, resume_from)
     masks = build_masks(trainable, hooks)
     extra_iterators = [it for it in (h.extra_batches() for h in hooks) if it is not None]
 
@@ -222,7 +239,7 @@ def train(
         dataloader_num_workers=0,
         dataloader_pin_memory=device.type == "cuda",
     )
-    callback = EngineCallback(hooks, masks, progress)
+    callback = EngineCallback(hooks, masks, progress, streams)
     trainer = HookedTrainer(
         model=trainable,
         args=args,
@@ -232,6 +249,7 @@ def train(
         hooks=hooks,
         extra_iterators=extra_iterators,
         logits_to_keep=use_ltk,
+        context=ctx,
     )
     callback.trainer = trainer
     for cb in (PrinterCallback, ProgressCallback):

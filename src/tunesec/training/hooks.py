@@ -13,6 +13,12 @@ Typical uses:
     - ``parameter_mask``: freeze parameters or mask gradient entries (safety-critical neurons, layers).
     - ``project``: after each optimizer step, project the weights (SafeLoRA-style projection onto the
       alignment subspace, removing a refusal direction).
+    - ``substitute_batch``: train a micro-batch of the hook's choosing instead of the loader's (VAA's group
+      sampling, Lisa's alignment phase).
+    - ``state_dict``/``load_state_dict``: state saved with every checkpoint and restored on resume.
+
+:mod:`tunesec.training.steps` has the pieces these methods are made of: extra gradients at perturbed weights,
+activation taps on named modules, weight snapshots, the step clock.
 
 Nothing here imports torch at module import time.
 """
@@ -23,6 +29,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tunesec.training.steps import StepClock
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +62,9 @@ class HookContext:
         lm_loss: ``lm_loss(model, batch)`` is the mean token cross-entropy on a batch's assistant tokens,
             computed the way the engine does (use it for gradients on another dataset, e.g. Booster).
         device: The training device.
+        clock: The optimizer step, micro-batch index and progress (kept current by the engine).
+        last_loss: The language-modelling loss of the micro-batch just trained (set before ``after_step``).
+        state: A dict for hooks that share state.
     """
 
     config: TrainConfig
@@ -63,6 +74,8 @@ class HookContext:
     batches: Callable[..., Iterator[Batch]]
     lm_loss: Callable[[Any, Batch], torch.Tensor]
     device: Any = None
+    clock: StepClock = field(default_factory=StepClock)
+    last_loss: float = float("nan")
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -72,6 +85,7 @@ class TrainingHook:
     Call order within one optimizer step (``G`` micro-batches of gradient accumulation)::
 
         repeat G times:
+            inputs = substitute_batch(inputs) or inputs
             before_step(model, inputs)
             forward -> extra_loss(model, inputs, outputs) added -> backward
             for each hook's next(extra_batches()): weight * lm_loss -> backward
@@ -104,6 +118,14 @@ class TrainingHook:
         """
         return True
 
+    def substitute_batch(self, inputs: Batch) -> Batch | None:
+        """A micro-batch to train on instead of the loader's ``inputs`` (``None`` keeps them).
+
+        The first hook that returns a batch wins. A substituted micro-batch's loss is its own token mean
+        divided by the accumulation count (the loader's token count no longer applies).
+        """
+        return None
+
     def before_step(self, model: Any, inputs: Batch) -> None:
         """Called before the forward pass of each micro-batch (e.g. perturb weights, add forward hooks)."""
 
@@ -133,3 +155,10 @@ class TrainingHook:
 
     def teardown(self, model: Any) -> None:
         """Called once after training (also when training fails): remove forward hooks, free memory."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state written with every checkpoint (e.g. a sampler's weights); see :meth:`load_state_dict`."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state on resume (called after :meth:`setup`)."""

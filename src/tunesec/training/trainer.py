@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: N812
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tunesec.training.collate import IGNORE_INDEX
-from tunesec.training.hooks import Batch, ExtraBatch, TrainingHook
+from tunesec.training.hooks import Batch, ExtraBatch, HookContext, TrainingHook
 
 
 def accepts_logits_to_keep(model: Any) -> bool:
@@ -88,9 +88,11 @@ class HookedTrainer(Trainer):
         hooks: Sequence[TrainingHook] = (),
         extra_iterators: Sequence[Iterator[ExtraBatch | None]] = (),
         logits_to_keep: bool = True,
+        context: HookContext | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.context = context
         self.hooks = list(hooks)
         self.extra_iterators = list(extra_iterators)
         self.use_logits_to_keep = logits_to_keep
@@ -105,6 +107,7 @@ class HookedTrainer(Trainer):
     ) -> tuple[list[Any], torch.Tensor | int | None]:
         """Fetch the step's micro-batches; count their label tokens (the loss denominator) and input tokens."""
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self.micro_index = 0
         n_labels = 0
         for b in batches:
             n_labels += int((b["labels"][..., 1:] != IGNORE_INDEX).sum())
@@ -123,6 +126,8 @@ class HookedTrainer(Trainer):
         total, n, outputs = lm_loss_sum(
             model, inputs, hidden_states=self.needs_hidden, logits_to_keep=self.use_logits_to_keep
         )
+        if self.context is not None:
+            self.context.last_loss = float(total.detach()) / max(n, 1)
         micro = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
         denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1) * micro
         loss = total / denom
@@ -136,11 +141,22 @@ class HookedTrainer(Trainer):
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
-        """One micro-batch: ``before_step``, forward/backward, extra batches, ``after_step``."""
+        """One micro-batch: ``substitute_batch``, ``before_step``, forward/backward, extra batches, ``after_step``."""
+        micro = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
+        if self.context is not None:
+            clock = self.context.clock
+            clock.step, clock.max_steps = self.state.global_step, max(int(self.state.max_steps or 1), 1)
+            clock.micro, clock.accumulation = getattr(self, "micro_index", 0), micro
+        self.micro_index = getattr(self, "micro_index", 0) + 1
+        for hook in self.hooks:
+            substitute = hook.substitute_batch(inputs)
+            if substitute is not None:
+                inputs = self._prepare_inputs(substitute)
+                num_items_in_batch = None  # compute_loss takes this batch's own token count
+                break
         for hook in self.hooks:
             hook.before_step(model, inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        micro = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
         for it in list(self.extra_iterators):
             item = next(it, StopIteration)
             if item is StopIteration:
@@ -165,11 +181,64 @@ class HookedTrainer(Trainer):
         return value
 
 
+HOOK_STATE_FILE = "hook_state.json"
+_STREAMS = "__batch_streams__"
+
+
+class BatchStream:
+    """An extra dataset's batch iterator that counts what it yielded, so a resumed run continues where it was."""
+
+    def __init__(self, it: Iterator[Batch]) -> None:
+        self._it = it
+        self.count = 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Batch:
+        item = next(self._it)
+        self.count += 1
+        return item
+
+    def skip(self, n: int) -> None:
+        """Advance by ``n`` batches (on resume)."""
+        for _ in range(n):
+            next(self)
+
+
+def load_hook_states(hooks: Sequence[TrainingHook], checkpoint: Any) -> list[int]:
+    """Restore the hook states :meth:`EngineCallback.on_save` wrote into ``checkpoint``.
+
+    Returns:
+        How many batches each extra batch stream had yielded, in the order the streams were made; the engine
+        advances each stream by its count when it is made again (streams may be made lazily, after resume).
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(checkpoint) / HOOK_STATE_FILE
+    if not path.is_file():
+        return []
+    states = json.loads(path.read_text(encoding="utf-8"))
+    for i, hook in enumerate(hooks):
+        saved = states.get(f"{i}:{hook.name}")
+        if saved:
+            hook.load_state_dict(saved)
+    return [int(c) for c in states.get(_STREAMS, [])]
+
+
 class EngineCallback(TrainerCallback):
     """Restores masked entries and runs ``project`` after each optimizer step; records losses and timing."""
 
-    def __init__(self, hooks: Sequence[TrainingHook], masks: Sequence[_Mask], progress: bool) -> None:
+    def __init__(
+        self,
+        hooks: Sequence[TrainingHook],
+        masks: Sequence[_Mask],
+        progress: bool,
+        streams: Sequence[BatchStream] = (),
+    ) -> None:
         self.hooks = list(hooks)
+        self.streams = streams
         self.masks = list(masks)
         self.show_progress = progress
         self.trainer: HookedTrainer | None = None
@@ -210,6 +279,19 @@ class EngineCallback(TrainerCallback):
                 m.param.data[m.fixed] = m.values
             for hook in self.hooks:
                 hook.project(model)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Write every hook's ``state_dict()`` and the extra batch streams' positions into the checkpoint just saved."""
+        states: dict[str, Any] = {f"{i}:{h.name}": h.state_dict() for i, h in enumerate(self.hooks)}
+        states[_STREAMS] = [s.count for s in self.streams]
+        if any(states.values()):
+            from pathlib import Path
+
+            from tunesec.store.atomic import atomic_write_json
+
+            ckpt = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                atomic_write_json(ckpt / HOOK_STATE_FILE, states)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Record the step's loss and advance the bar."""

@@ -427,9 +427,12 @@ def _with_response(ex: Example, text: str, kind: str) -> Example:
 @register(
     "defense",
     "safety-sft",
-    description="Safety alignment SFT: refusals mixed 1:1 with helpful answers (Bianchi et al. 2024), "
-    "optional deep-alignment augmentation (Qi et al. 2024).",
+    description="No extra defense: the alignment SFT recipe itself (refusals + helpful answers, Bianchi et al. "
+    "2024; optional deep alignment, Qi et al. 2024; the decision loss). The baseline of every alignment defense.",
     stage="alignment",
+    paper="Bianchi et al. 2024, arXiv 2309.07875; Qi et al. 2024, arXiv 2406.05946",
+    threat_model="fine-tuning-api",
+    needs_harmful=False,
 )
 class SafetySFT:
     """Alignment-stage defense: train a LoRA adapter that refuses harmful requests and stays helpful.
@@ -458,6 +461,7 @@ class SafetySFT:
         *,
         resume: bool = False,
         progress: bool = True,
+        notes: list[str] | None = None,
     ) -> ModelRef:
         """Align ``model``; the adapter goes to ``out_dir/model`` and its ref is returned.
 
@@ -467,10 +471,13 @@ class SafetySFT:
             data: A ready training mix (default: :func:`build_alignment_data` of the config).
             resume: Continue from the last checkpoint in ``out_dir``.
             progress: Show a progress bar.
+            notes: Lines for the user (what building the mix dropped) are appended here.
         """
         from tunesec.attacks.base import finetune_with_provenance
 
-        examples = list(data) if data is not None else build_alignment_data(self.config, model, progress=progress)
+        examples = (
+            list(data) if data is not None else build_alignment_data(self.config, model, progress=progress, notes=notes)
+        )
         kinds = {k: sum(1 for e in examples if e.meta.get("align_kind") == k) for k in ("refusal", "deep-refusal")}
         kinds["helpful"] = len(examples) - kinds["refusal"] - kinds["deep-refusal"]
         kinds["self-distilled"] = sum(1 for e in examples if e.meta.get("self_distilled"))
