@@ -42,7 +42,7 @@ class Config(BaseModel):
             default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
             if isinstance(default, BaseModel):
                 merged = merged if merged is not None else dict(data)
-                merged[name] = _deep_merge(default.model_dump(), value)
+                merged[name] = _merge_model(type(default), default.model_dump(), value)
         return merged if merged is not None else data
 
 
@@ -178,6 +178,27 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _merge_model(cls: type[BaseModel], base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Like :func:`_deep_merge`, but only nested *configs* merge; a mapping-valued field is replaced whole.
+
+    ``refusal_data: {mine.jsonl: 100}`` means "this data", not "this data as well as the default's".
+    """
+    out = dict(base)
+    for key, value in update.items():
+        field = cls.model_fields.get(key)
+        sub = field.annotation if field is not None else None
+        if (
+            isinstance(value, dict)
+            and isinstance(out.get(key), dict)
+            and isinstance(sub, type)
+            and issubclass(sub, BaseModel)
+        ):
+            out[key] = _merge_model(sub, out[key], value)
         else:
             out[key] = value
     return out

@@ -55,6 +55,11 @@ def defend_command(
         console.print(f"run directory: {run.path}")
         notes: list[str] = []
         with _discard_on_bad_input(run):
+            if hasattr(defense, "harmful_data"):  # checked and reported before the mix is built
+                defense.harmful_data(notes)
+                for note in notes:
+                    console.print(f"[yellow]warning:[/] {note}")
+                notes.clear()
             ref = run_alignment_defense(defense, model, run.path, notes=notes)
         for note in notes:
             console.print(note, markup=False, highlight=False)
