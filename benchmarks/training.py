@@ -10,8 +10,17 @@ the examples trained on, over the time of the training loop (dataset preparation
 
 Usage:
     python benchmarks/training.py [--model smollm2-135m] [--steps 20] [--batch-size 8] [--rounds 1] [--no-write]
+    python benchmarks/training.py --defense vaccine t-vaccine booster vaa ctrap [--steps 10]
 
 Prints a table and appends a ``## Training — <date> — <machine>`` section to BENCHMARKS.md.
+
+``--defense`` measures what each alignment-stage defense's hooks cost per optimizer step against a plain step of
+the same engine on the same data (each run its own subprocess; defaults of each defense; harmful pairs from
+its default harmful data; VAA's two groups are the data split in half, since the sampler's cost does not depend
+on which examples are vulnerable, and its SAM probability is forced to 1 so that every step pays for it). The
+forward-backward count is what the method needs per step (Vaccine and T-Vaccine: 2, their first pass only to the
+activations; Booster and CTRAP: 3; VAA: 2 with SAM); the target is cost <= 1.2 x count x plain step. Appends a
+``## Defense cost per step`` section.
 """
 
 from __future__ import annotations
@@ -141,9 +150,82 @@ def run_sft(model_spec: str, steps: int, batch: int, lo: int, hi: int) -> dict:
     return {"tokens": tokens, "seconds": clock.seconds, "loss_last": float(out.training_loss)}
 
 
+# forward-backward passes per step that each defense's method needs (see the module docstring)
+FB_COUNT = {"none": 1, "vaccine": 2, "t-vaccine": 2, "booster": 3, "ctrap": 3, "vaa": 2}
+
+
+def run_defense(name: str, model_spec: str, steps: int, batch: int, lo: int, hi: int) -> dict:
+    """``steps`` steps of the engine with defense ``name``'s hooks (``none``: no hooks) on the benchmark data."""
+    from tunesec.defenses import get_defense
+    from tunesec.defenses.alignment.vaa import OTHER, VULNERABLE
+    from tunesec.defenses.base import HarmfulDataConfig, defense_harmful_data
+    from tunesec.models import load_model
+    from tunesec.training import TrainConfig, train
+
+    loaded = load_model(model_spec, device="cpu")
+    data = load_examples(loaded.tokenizer, steps * batch, lo, hi)
+    cfg = TrainConfig(
+        method="lora", lora_r=8, lora_alpha=16, lora_target_modules=TARGETS, per_device_batch_size=batch,
+        max_steps=steps, learning_rate=2e-4, save_steps=0, max_seq_len=512,
+    )  # fmt: skip
+    hooks, extra = [], {}
+    if name != "none":
+        defense = get_defense(name, {"lam": 1.0} if name == "vaa" else None)
+        harmful, _ = defense_harmful_data(HarmfulDataConfig(n=200), defense=name)
+        hooks = defense.hooks(harmful, data)
+        extra = {"harmful": harmful, VULNERABLE: data[::2], OTHER: data[1::2]}
+        if name == "vaa":
+            hooks[0].lam = float("inf")  # SAM on every step (the schedule's probability is lam * progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train(loaded, data, cfg, out_dir=tmp, hooks=hooks, extra_datasets=extra, progress=False)
+    m = res.metrics
+    return {"tokens": m.tokens, "seconds": m.seconds, "steps": m.steps, "loss_last": m.losses[-1]}
+
+
+def defense_costs(args: argparse.Namespace) -> None:
+    """Run ``none`` and every ``--defense`` in its own subprocess; print and append the cost table."""
+    results = {}
+    for name in ["none", *args.defense]:
+        cmd = [sys.executable, __file__, "--child", f"defense:{name}", "--model", args.model, "--steps",
+               str(args.steps), "--batch-size", str(args.batch_size), "--min-tokens", str(args.min_tokens),
+               "--max-tokens", str(args.max_tokens)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            sys.exit(f"{name} run failed:\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(line[len("RESULT ") :])
+        print(f"{name}: {results[name]['seconds'] / results[name]['steps']:.2f} s/step", flush=True)
+    plain = results["none"]["seconds"] / results["none"]["steps"]
+    rows = ["| defense | F/B per step | s/step | x plain step | x (F/B count x plain) | peak RSS MiB | target <= 1.2 |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in results.items():
+        per = r["seconds"] / r["steps"]
+        ratio = per / (FB_COUNT[name] * plain)
+        rows.append(
+            f"| {name} | {FB_COUNT[name]} | {per:.2f} | {per / plain:.2f} | {ratio:.2f} | {r['peak_rss_mib']:.0f} "
+            f"| {'met' if ratio <= 1.2 else 'missed'} |"
+        )
+    table = "\n".join(rows)
+    summary = (
+        f"Model `{args.model}`, LoRA r=8/alpha=16 on all projections, batch {args.batch_size}, {args.steps} steps "
+        f"per run, Alpaca examples of {args.min_tokens}-{args.max_tokens} tokens, fp32, torch threads "
+        f"{results['none']['threads']}; each defense with its defaults (`python benchmarks/training.py --defense "
+        f"{' '.join(args.defense)} --steps {args.steps}`). One run each; the machine's speed drifts between runs."
+    )
+    print(table)
+    print(summary)
+    if not args.no_write:
+        machine = f"{platform.machine()} {os.cpu_count()} CPU cores, {platform.system()}"
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+        with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as fh:
+            fh.write(f"\n## Defense cost per step — {stamp} — {machine}\n\n{table}\n\n{summary}\n")
+
+
 def child(which: str, args: argparse.Namespace) -> None:
     spec = (args.model, args.steps, args.batch_size, args.min_tokens, args.max_tokens)
-    if which == "sft":
+    if which.startswith("defense:"):
+        res = run_defense(which.split(":", 1)[1], *spec)
+    elif which == "sft":
         res = run_sft(*spec)
     else:
         res = run_engine(*spec, kernels=which == "engine")
@@ -161,10 +243,14 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=130)
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of the two engine runs (medians)")
     p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
-    p.add_argument("--child", choices=["engine", "engine-plain", "sft"], help=argparse.SUPPRESS)
+    p.add_argument("--defense", nargs="+", choices=sorted(set(FB_COUNT) - {"none"}), help="measure defense costs")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.child, args)
+        return
+    if args.defense:
+        defense_costs(args)
         return
     runs: dict[str, list[dict]] = {"sft": [], "engine-plain": [], "engine": []}
     for which in ["sft"] + ["engine-plain", "engine"] * args.rounds:
