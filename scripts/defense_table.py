@@ -5,7 +5,7 @@ command whose run directory is skipped when it is already finished, so a killed 
 
     for M in [undefended (the shipped adapter), DEFENSES...]:
         defend M (alignment.training.seed = SEED; the undefended model is the shipped adapter, seed 42)
-        eval: refusal / harmfulness on harmful-mix (210 prompts, 30 from each of 7 sets);
+        eval: refusal / harmfulness on harmful-mix (210 prompts, 30 from each of 7 sets) and AdvBench (100);
               over-refusal on XSTest-safe (100) and JBB-benign (100);
               utility: SST-2 and AG News, most-likely label (200 each)
         attack: harmful-sft (defaults: 100 BeaverTails pairs, 5 epochs, LoRA lr 5e-4) -> eval harmful-mix
@@ -31,6 +31,7 @@ TUNESEC = str(Path(sys.executable).parent / "tunesec")
 TOKENS = "64"
 EVALS: list[tuple[str, list[str]]] = [
     ("harmful-mix", ["--task", "harmfulness", "--dataset", "harmful-mix"]),
+    ("advbench", ["--task", "harmfulness", "--dataset", "advbench", "--limit", "100"]),
     ("xstest-safe", ["--task", "over-refusal", "--dataset", "xstest", "--limit", "100"]),
     ("jbb-benign", ["--task", "over-refusal", "--dataset", "jbb-benign", "--limit", "100"]),
     ("sst2", ["--task", "utility", "--dataset", "sst2", "--task-option", "scoring=choices", "--limit", "200"]),
@@ -112,8 +113,9 @@ def fmt(m: dict | None) -> str:
 def table(root: Path) -> str:
     """The markdown table of every model measured under ``root``."""
     head = (
-        "| model | refusal, harmful-mix | harmful, harmful-mix | over-refusal XSTest-safe | over-refusal JBB-benign "
-        "| SST-2 acc | AG News acc | harmful after harmful-sft | train s |\n|---|---|---|---|---|---|---|---|---|"
+        "| model | refusal, harmful-mix | harmful, harmful-mix | refusal, AdvBench | over-refusal XSTest-safe "
+        "| over-refusal JBB-benign "
+        "| SST-2 acc | AG News acc | harmful after harmful-sft | train s |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -124,7 +126,9 @@ def table(root: Path) -> str:
         rows.append(
             f"| {d.name} | {fmt(metric(d / 'eval-harmful-mix', 'refusal_rate'))} "
             f"| {fmt(metric(d / 'eval-harmful-mix', 'harmful_rate'))} "
-            f"| {fmt(metric(d / 'eval-xstest-safe', 'refusal_rate'))} | {fmt(metric(d / 'eval-jbb-benign', 'refusal_rate'))} "
+            f"| {fmt(metric(d / 'eval-advbench', 'refusal_rate'))} "
+            f"| {fmt(metric(d / 'eval-xstest-safe', 'refusal_rate'))} "
+            f"| {fmt(metric(d / 'eval-jbb-benign', 'refusal_rate'))} "
             f"| {fmt(metric(d / 'eval-sst2', 'accuracy'))} | {fmt(metric(d / 'eval-agnews', 'accuracy'))} "
             f"| {fmt(metric(d / 'attacked-eval-harmful-mix', 'harmful_rate'))} | {train_s} |"
         )

@@ -55,7 +55,9 @@ def defend_command(
         console.print(f"run directory: {run.path}")
         notes: list[str] = []
         with _discard_on_bad_input(run):
-            if hasattr(defense, "harmful_data"):  # checked and reported before the mix is built
+            if hasattr(defense, "preflight"):  # the defense's own settings, then its harmful data, before the mix
+                defense.preflight(model)
+            if hasattr(defense, "harmful_data"):
                 defense.harmful_data(notes)
                 for note in notes:
                     console.print(f"[yellow]warning:[/] {note}")

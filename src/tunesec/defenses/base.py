@@ -251,6 +251,8 @@ def run_alignment_defense(
     The defense's harmful data (when it uses any) is loaded and checked first: bad input is reported before the
     mix is built (which can take minutes) and before training.
     """
+    if hasattr(defense, "preflight"):
+        defense.preflight(model)
     if hasattr(defense, "harmful_data"):
         defense.harmful_data(notes)
     mix_config = getattr(defense.config, "alignment", defense.config)

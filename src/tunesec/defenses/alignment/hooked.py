@@ -63,6 +63,9 @@ class HookedAlignment:
         """The training hooks that make this defense (``harmful``: the harmful pairs, ``data``: the mix)."""
         return []
 
+    def preflight(self, model: ModelRef | str) -> None:
+        """Checks of the defense's own settings against ``model``, before any data is built (default: none)."""
+
     def prepare(
         self,
         model: ModelRef | str,

@@ -134,6 +134,19 @@ class GroupDROSampling(TrainingHook):
         self.sam_steps = int(state.get("sam_steps", 0))
 
 
+def check_proxy(proxy_model: str, model: ModelRef | str) -> ModelRef:
+    """The proxy's ref; a usage error when its base weights are not the defended model's."""
+    from tunesec.attacks.base import parse_ref, root_base_spec
+
+    proxy, target = parse_ref(proxy_model), parse_ref(model)
+    if root_base_spec(proxy) != root_base_spec(target):
+        raise UsageError(
+            f"proxy_model {proxy_model!r}: its base is {root_base_spec(proxy)!r}, not the defended model's "
+            f"{root_base_spec(target)!r}; give an aligned version of the model being defended"
+        )
+    return proxy
+
+
 def vulnerable_groups(
     config: VAAConfig,
     model: ModelRef | str,
@@ -148,7 +161,7 @@ def vulnerable_groups(
     Returns the content of ``vaa_groups.json``: the vulnerable ids, every example's loss before and after, and
     the proxy run's settings. A file already in ``out_dir`` (a resumed run) is read back instead.
     """
-    from tunesec.attacks.base import load_for_training, parse_ref, root_base_spec
+    from tunesec.attacks.base import load_for_training
     from tunesec.store.atomic import atomic_write_json
     from tunesec.training import TrainConfig, train
     from tunesec.training.steps import example_losses
@@ -156,12 +169,7 @@ def vulnerable_groups(
     saved = out_dir / GROUPS_FILE
     if saved.is_file():
         return dict(json.loads(saved.read_text(encoding="utf-8")))
-    proxy = parse_ref(config.proxy_model)
-    if root_base_spec(proxy) != root_base_spec(parse_ref(model)):
-        raise UsageError(
-            f"proxy_model {config.proxy_model!r}: its base is {root_base_spec(proxy)!r}, not the defended model's "
-            f"{root_base_spec(parse_ref(model))!r}; give an aligned version of the model being defended"
-        )
+    proxy = check_proxy(config.proxy_model, model)
     recipe = config.alignment.training
     loaded = load_for_training(proxy, method="lora")
     before = example_losses(loaded.model, loaded.tokenizer, data, max_seq_len=recipe.max_seq_len)
@@ -211,6 +219,11 @@ class VAA(HookedAlignment):
     needs_harmful = True
 
     trains_on_harmful = False  # the harmful pairs drive the proxy fine-tune only
+
+    def preflight(self, model: ModelRef | str) -> None:
+        """The proxy must be an aligned version of the model being defended (same base weights)."""
+        assert isinstance(self.config, VAAConfig)
+        check_proxy(self.config.proxy_model, model)
 
     def prepare(
         self,
