@@ -135,6 +135,22 @@ def table(root: Path) -> str:
     return "\n".join(rows)
 
 
+def spread(root: Path, run: str = "eval-harmful-mix", key: str = "refusal_rate") -> str:
+    """Per source set of harmful-mix: each model's ``key`` (30 prompts per set)."""
+    rows: list[str] = []
+    cats: list[str] = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        m = metric(d / run, key)
+        if m is None:
+            continue
+        per = m.get("per_category", {})
+        if not cats:
+            cats = list(per)
+            rows += ["| model | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+        rows.append(f"| {d.name} | " + " | ".join(fmt(per.get(c)) for c in cats) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=ROOT / "runs" / "defenses")
@@ -144,6 +160,9 @@ def main() -> None:
     args = p.parse_args()
     if args.table:
         print(table(args.root))
+        print(f"\nrefusal by source set (harmful-mix):\n{spread(args.root)}")
+        attacked = spread(args.root, "attacked-eval-harmful-mix", "harmful_rate")
+        print(f"\nharmful after harmful-sft, by source set:\n{attacked}")
         return
     run_plan(args.root, args.defenses, args.seed)
 
