@@ -268,24 +268,18 @@ def align_command(
 
 
 def _alignment_data(cfg: Any, model: str, run_dir: Path) -> list[Any]:
-    """The run's training mix, built once and kept in the run directory.
+    """The run's training mix: read back on resume, else from the mix cache, else built (and cached).
 
-    A resumed run trains on the same examples without generating self-distilled answers again.
+    A resumed run trains on the same examples without generating self-distilled answers again
+    (:func:`tunesec.defenses.base.alignment_mix`).
     """
-    from tunesec.data.schema import Example
-    from tunesec.defenses.alignment import build_alignment_data
-    from tunesec.store.atomic import atomic_write_text
-
-    saved = run_dir / "alignment_data.jsonl"
-    if saved.is_file():
-        return [Example.model_validate_json(line) for line in saved.read_text(encoding="utf-8").splitlines() if line]
     from tunesec.cli.common import console
+    from tunesec.defenses.base import alignment_mix
 
     notes: list[str] = []
-    examples = build_alignment_data(cfg, model, notes=notes)
+    examples = alignment_mix(cfg, model, run_dir, notes=notes)
     for note in notes:
         console.print(note, markup=False, highlight=False)
-    atomic_write_text(saved, "".join(e.model_dump_json() + "\n" for e in examples))
     return examples
 
 
