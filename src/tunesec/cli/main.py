@@ -68,6 +68,8 @@ for _module in (
     "tunesec.cli.certify",
     "tunesec.cli.judge_cmd",
     "tunesec.cli.runs_cmd",
+    "tunesec.cli.serve_cmd",
+    "tunesec.cli.audit_cmd",
 ):
     _register_optional(_module)
 
