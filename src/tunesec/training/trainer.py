@@ -101,6 +101,7 @@ class HookedTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.step_lm_loss = torch.zeros(())
         self.tokens_seen = 0
+        self.micro_index = 0  # micro-batch within the optimizer step (reset when the step's batches are fetched)
 
     def get_batch_samples(
         self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device
@@ -146,8 +147,8 @@ class HookedTrainer(Trainer):
         if self.context is not None:
             clock = self.context.clock
             clock.step, clock.max_steps = self.state.global_step, max(int(self.state.max_steps or 1), 1)
-            clock.micro, clock.accumulation = getattr(self, "micro_index", 0), micro
-        self.micro_index = getattr(self, "micro_index", 0) + 1
+            clock.micro, clock.accumulation = self.micro_index, micro
+        self.micro_index += 1
         for hook in self.hooks:
             substitute = hook.substitute_batch(inputs)
             if substitute is not None:
@@ -238,7 +239,7 @@ class EngineCallback(TrainerCallback):
         streams: Sequence[BatchStream] = (),
     ) -> None:
         self.hooks = list(hooks)
-        self.streams = streams
+        self.streams = streams  # the engine's list: streams made later (lazily) are seen too
         self.masks = list(masks)
         self.show_progress = progress
         self.trainer: HookedTrainer | None = None
