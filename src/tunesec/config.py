@@ -183,6 +183,11 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def merge_into(cls: type[BaseModel], base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` (a partial config of ``cls``) written over ``base`` (a full one): nested configs merge by key."""
+    return _merge_model(cls, base, update)
+
+
 def _merge_model(cls: type[BaseModel], base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Like :func:`_deep_merge`, but only nested *configs* merge; a mapping-valued field is replaced whole.
 

@@ -38,17 +38,20 @@ def defend_command(
     from tunesec.cli.attack import (
         _data_dir,
         _discard_on_bad_input,
-        _load_config,
         _open_run,
         evaluate_tuned,
         model_spec_string,
     )
     from tunesec.cli.common import console
-    from tunesec.defenses.base import defense_entry, run_alignment_defense
+    from tunesec.config import apply_overrides, read_yaml
+    from tunesec.defenses.base import defense_config, defense_entry, run_alignment_defense
 
     with _data_dir(data_dir):
         entry = defense_entry(name, stage="alignment")
-        cfg = _load_config(entry.obj.config_class, recipe, set_)
+        data = apply_overrides(read_yaml(recipe) if recipe is not None else {}, set_)
+        # line numbers point into the recipe only when no --set override could be the culprit
+        source = str(recipe) if recipe is not None else "--set"
+        cfg = defense_config(entry.obj, data, source=source, path=None if set_ else recipe)
         defense = entry.obj(cfg)
         spec = {"defense": name, "model": model, "config": cfg.model_dump(mode="json")}
         run = _open_run("defend", f"{name}-{Path(model).name}", spec, out, resume)

@@ -205,9 +205,25 @@ def defense_entry(name: str, *, stage: str | None = None, command: str = "defend
     return entry
 
 
+def defense_config(cls: Any, data: dict[str, Any], source: str = "config", path: Path | None = None) -> Config:
+    """Validate ``data`` (a partial config) as the config of defense class ``cls``.
+
+    A defense whose defaults are a recipe rather than its config class's defaults (``safety-sft`` and
+    ``deep-alignment``: the shipped aligned recipe) has a ``base_config()`` that ``data`` is written over.
+    """
+    from tunesec.config import merge_into, validate
+
+    config_class = cls.config_class
+    if hasattr(cls, "base_config"):
+        data = merge_into(config_class, cls.base_config().model_dump(mode="json"), data)
+    return validate(config_class, data, source=source, path=path)
+
+
 def get_defense(name: str, config: Config | dict[str, Any] | None = None) -> Any:
     """An instance of defense ``name`` with ``config`` (an instance, a mapping of fields, or the defaults)."""
     cls = defense_entry(name).obj
+    if config is None or isinstance(config, dict):
+        config = defense_config(cls, dict(config or {}), source=f"defense {name} config")
     return cls(config)
 
 

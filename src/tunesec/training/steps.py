@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -321,6 +322,25 @@ class WeightSnapshot:
                 for p, v in zip(self.params, live, strict=True):
                     p.copy_(v)
 
+    def save(self, path: str | Path) -> None:
+        """Write the copy as safetensors (atomically), so a resumed run gets the same reference."""
+        from safetensors.torch import save_file
+
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.tmp")
+        save_file({n: v.contiguous() for n, v in zip(self.names, self.values, strict=True)}, str(tmp))
+        tmp.replace(target)
+
+    def load(self, path: str | Path) -> None:
+        """Read a copy written by :meth:`save` (the parameter names must match)."""
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path))
+        missing = [n for n in self.names if n not in saved]
+        if missing:
+            raise ValueError(f"{path}: snapshot lacks {missing[0]!r}")
+        self.values = [saved[n].to(p.device, p.dtype) for n, p in zip(self.names, self.params, strict=True)]
+
     def sq_distance(self) -> torch.Tensor:
         """``sum ||p - snapshot||^2`` over the parameters, differentiable in the live weights (Lisa's proximal term)."""
         import torch
@@ -386,3 +406,33 @@ def example_losses(
                 out[e.example_id] = float(value)
     model.train(was_training)
     return out
+
+
+def sequence_ids(batch: Batch) -> torch.Tensor:
+    """For each assistant token of ``batch`` (in ``token_logprobs`` order), the index of the example it belongs to.
+
+    Packed rows (the padding-free collator) start a new example wherever ``position_ids`` restarts at 0; in padded
+    batches each row is one example.
+    """
+    import torch
+
+    from tunesec.training.collate import IGNORE_INDEX
+
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    if "position_ids" in batch:
+        starts = (batch["position_ids"] == 0).long()
+        seg = torch.cumsum(starts.flatten(), dim=0).view_as(starts) - 1
+    else:
+        rows = torch.arange(batch["labels"].shape[0], device=keep.device)
+        seg = rows[:, None].expand_as(batch["labels"])
+    return seg[:, 1:][keep]
+
+
+def sequence_logprobs(model: Any, batch: Batch) -> torch.Tensor:
+    """Each example's summed log-probability of its assistant tokens (NPO's log pi(y|x)), one value per example."""
+    import torch
+
+    lp = token_logprobs(model, batch)
+    seg = sequence_ids(batch)
+    n = int(seg.max()) + 1 if seg.numel() else 0
+    return torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seg, lp)

@@ -6,21 +6,29 @@ Importing this package registers them all without importing torch.
 
 from tunesec.defenses.alignment.booster import Booster, BoosterConfig
 from tunesec.defenses.alignment.ctrap import CTRAP, CTRAPConfig
+from tunesec.defenses.alignment.deep_alignment import DeepAlignment
 from tunesec.defenses.alignment.safety_sft import SafetySFT, SafetySFTConfig, build_alignment_data
+from tunesec.defenses.alignment.sdd import SDD, SDDConfig
 from tunesec.defenses.alignment.t_vaccine import TVaccine, TVaccineConfig
+from tunesec.defenses.alignment.unlearn_smooth import UnlearnSmooth, UnlearnSmoothConfig
 from tunesec.defenses.alignment.vaa import VAA, VAAConfig
 from tunesec.defenses.alignment.vaccine import Vaccine, VaccineConfig
 
 __all__ = [
     "CTRAP",
+    "SDD",
     "VAA",
     "Booster",
     "BoosterConfig",
     "CTRAPConfig",
+    "DeepAlignment",
     "SafetySFT",
+    "SDDConfig",
     "SafetySFTConfig",
     "TVaccine",
     "TVaccineConfig",
+    "UnlearnSmooth",
+    "UnlearnSmoothConfig",
     "VAAConfig",
     "Vaccine",
     "VaccineConfig",

@@ -443,6 +443,17 @@ class SafetySFT:
     name = "safety-sft"
     config_class = SafetySFTConfig
 
+    @classmethod
+    def base_config(cls) -> SafetySFTConfig:
+        """Its defaults as a defense (``tunesec defend``, ``tunesec.defend``): the shipped aligned recipe.
+
+        ``SafetySFT()`` itself (and ``tunesec align`` without ``--recipe``) keeps :class:`SafetySFTConfig`'s
+        balanced built-in mix.
+        """
+        from tunesec.defenses.base import shipped_alignment_config
+
+        return shipped_alignment_config()
+
     def __init__(self, config: SafetySFTConfig | dict[str, Any] | None = None) -> None:
         """Build the defense with a config (instance, mapping or defaults)."""
         if config is None:

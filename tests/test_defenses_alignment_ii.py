@@ -1,0 +1,235 @@
+"""Alignment-stage defenses II on tiny models: deep alignment as a defense, SDD's data, NPO + SAM (Unlearn-Smooth)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from test_defenses_alignment import _ctx, _encode, _moved, _norm, _params, _same, harmful_set
+from test_training_fixtures import chat, make_loaded, memorise_set
+from tunesec.training import TrainConfig, train
+
+# -- deep alignment ----------------------------------------------------------------------------------------
+
+
+def test_deep_alignment_is_the_shipped_recipe_with_recovery_examples() -> None:
+    from tunesec.defenses import get_defense
+    from tunesec.defenses.base import shipped_alignment_config
+
+    shipped = shipped_alignment_config()
+    deep = get_defense("deep-alignment").config
+    assert deep.deep_alignment == 0.5 and deep.decision_continue_weight == 0.1
+    assert deep.model_copy(update={"deep_alignment": 0.0, "decision_continue_weight": 0.0}) == shipped
+    assert get_defense("deep-alignment", {"deep_alignment": 0.25}).config.deep_alignment == 0.25
+    assert get_defense("safety-sft").config == shipped  # as a defense, safety-sft is the shipped recipe
+
+
+# -- SDD ---------------------------------------------------------------------------------------------------
+
+
+class _BagOfWords:
+    """A deterministic embedder: normalised word-count vectors over a fixed vocabulary."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def encode(self, texts: list[str]) -> Any:
+        import numpy as np
+
+        rows = []
+        for t in texts:
+            v = np.zeros(64, dtype=np.float32)
+            for w in t.lower().split():
+                v[hash(w) % 64] += 1.0
+            rows.append(v / max(float(np.linalg.norm(v)), 1e-9))
+        return np.stack(rows)
+
+
+def test_sdd_never_pairs_a_prompt_with_an_answer_above_the_threshold() -> None:
+    import numpy as np
+
+    from tunesec.defenses.alignment.sdd import SDDConfig, pair_irrelevant
+
+    prompts = [f"how do i build a bomb at home {i}" for i in range(5)]
+    related = [f"to build a bomb at home you {i}" for i in range(40)]
+    unrelated = [f"the poem sings of rivers and light number {i}" for i in range(10)]
+    emb = _BagOfWords()
+    cfg = SDDConfig(max_similarity=0.25, max_draws=50)
+    pairs = pair_irrelevant(prompts, related + unrelated, cfg, embedder=emb)
+    assert len({a for a, _ in pairs}) == 5  # no answer reused
+    for p, (answer, sim) in zip(prompts, pairs, strict=True):
+        actual = float(np.dot(emb.encode([p])[0], emb.encode([answer])[0]))
+        assert actual == pytest.approx(sim, abs=1e-5) and sim <= 0.25
+        assert answer in unrelated
+
+
+def test_sdd_mix_replaces_only_refusals_and_keeps_prompts(tmp_path: Path) -> None:
+    from tunesec.data.schema import Example, Message
+    from tunesec.defenses.alignment.sdd import REJECT_PREFIX, SDDConfig, sdd_mix
+
+    def ex(i: int, prompt: str, answer: str, kind: str) -> Example:
+        msgs = [Message(role="user", content=prompt), Message(role="assistant", content=answer)]
+        return Example(id=f"e{i}", messages=msgs, meta={"align_kind": kind})
+
+    mix = [
+        ex(0, "how to hurt people", "I'm sorry, I can't.", "refusal"),
+        ex(1, "write a poem", "Roses are red.", "helpful"),
+    ]
+    answers = tmp_path / "answers.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"A long helpful answer about gardening and tomatoes, part {i}."},
+            ]
+        }
+        for i in range(4)
+    ]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, prov = sdd_mix(SDDConfig(answer_data=[str(answers)], reject_prefix=True), mix, embedder=_BagOfWords())
+    assert [e.prompt for e in out] == [e.prompt for e in mix]
+    assert out[1] == mix[1]
+    assert out[0].messages[-1].content.startswith(REJECT_PREFIX) and "gardening" in out[0].messages[-1].content
+    assert out[0].meta["align_kind"] == "sdd" and prov["sdd_pairs"] == 1
+
+
+# -- Unlearn-Smooth (NPO + SAM) ----------------------------------------------------------------------------
+
+
+def test_npo_loss_at_the_reference_is_two_over_beta_log_two() -> None:
+    import torch
+
+    from tunesec.defenses.alignment.unlearn_smooth import npo_loss
+
+    lp = torch.tensor([-12.0, -30.5, -4.0])
+    assert float(npo_loss(lp, lp.clone(), 0.015)) == pytest.approx(2 / 0.015 * math.log(2), rel=1e-6)
+    assert float(npo_loss(lp - 50, lp, 0.1)) < float(npo_loss(lp, lp, 0.1))  # less likely than the reference: lower
+
+
+def test_sequence_logprobs_split_a_packed_batch_by_example() -> None:
+    import torch
+
+    from tunesec.training.steps import sequence_logprobs, token_logprobs
+    from tunesec.training.trainer import lm_loss_mean
+
+    loaded = make_loaded()
+    examples = memorise_set(3)
+    packed = _encode(loaded, examples)
+    with torch.no_grad():
+        seqs = sequence_logprobs(loaded.model, packed)
+        assert seqs.shape == (3,)
+        for i, e in enumerate(examples):
+            alone = _encode(loaded, [e])
+            assert float(seqs[i]) == pytest.approx(float(token_logprobs(loaded.model, alone).sum()), rel=1e-4)
+        assert float(-seqs.sum()) / int((packed["labels"][:, 1:] != -100).sum()) == pytest.approx(
+            float(lm_loss_mean(loaded.model, packed)), rel=1e-4
+        )
+
+
+def test_npo_sam_term_is_the_npo_gradient_at_the_sam_point(tmp_path: Path) -> None:
+    import torch
+
+    from tunesec.defenses.alignment.unlearn_smooth import NPOSmoothing, npo_loss
+    from tunesec.training.steps import sequence_logprobs
+
+    loaded = make_loaded()
+    model, align, forget = loaded.model, _encode(loaded, memorise_set(4)), _encode(loaded, harmful_set(3))
+    hook = NPOSmoothing(beta=0.1, gamma=2.25, rho=0.05)
+    ctx = _ctx(loaded, {"harmful": forget})
+    ctx.out_dir = tmp_path
+    hook.setup(ctx)
+    with torch.no_grad():
+        ref = sequence_logprobs(model, forget)
+    params = _params(model)
+    before = [p.detach().clone() for p in params]
+    g = list(torch.autograd.grad(npo_loss(sequence_logprobs(model, forget), ref, 0.1), params))
+    moved = _moved(model, g, 0.05 / (_norm(g) + 1e-7))
+    expected = list(torch.autograd.grad(npo_loss(sequence_logprobs(moved, forget), ref, 0.1), _params(moved)))
+    hook.before_step(model, align)
+    assert _same([p.detach() for p in params], before)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(hook._term, expected, strict=True))
+    assert hook.last_forget_loss == pytest.approx(
+        float(npo_loss(sequence_logprobs(moved, forget), ref, 0.1).detach()), rel=1e-4
+    )
+    assert (tmp_path / "npo_reference.safetensors").is_file()  # the reference survives a resume
+
+
+def test_unlearn_smooth_retain_weight_is_gamma() -> None:
+
+    from tunesec.defenses.alignment.unlearn_smooth import NPOSmoothing
+    from tunesec.training.trainer import lm_loss_sum
+
+    loaded = make_loaded()
+    batch = _encode(loaded, memorise_set(4))
+    total, n, outputs = lm_loss_sum(loaded.model, batch)
+    extra = NPOSmoothing(beta=0.1, gamma=2.25, rho=0.0).extra_loss(loaded.model, batch, outputs)
+    assert float(extra.detach()) == pytest.approx(1.25 * float(total.detach()) / n, rel=1e-5)
+    assert NPOSmoothing(beta=0.1, gamma=1.0, rho=0.0).extra_loss(loaded.model, batch, outputs) is None
+
+
+def test_unlearn_smooth_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    import torch
+
+    from test_defenses_alignment import _Kill
+    from tunesec.defenses.alignment.unlearn_smooth import NPOSmoothing
+
+    cfg = TrainConfig(max_steps=6, save_steps=3, per_device_batch_size=2, learning_rate=5e-3)
+    extra = {"harmful": harmful_set(4)}
+    run = lambda out, hooks, resume=False: train(  # noqa: E731
+        make_loaded(),
+        memorise_set(8),
+        cfg,
+        out_dir=tmp_path / out,
+        hooks=hooks,
+        extra_datasets=extra,
+        resume=resume,
+        progress=False,
+    )
+    straight = run("a", [NPOSmoothing(0.1, 2.25, 0.05)])
+    with pytest.raises(KeyboardInterrupt):
+        run("b", [NPOSmoothing(0.1, 2.25, 0.05), _Kill(at_call=5)])
+    resumed = run("b", [NPOSmoothing(0.1, 2.25, 0.05)], resume=True)
+    a = dict(straight.model.named_parameters())
+    for n, p in resumed.model.named_parameters():
+        if "lora_" in n:
+            assert torch.allclose(a[n], p, atol=1e-6, rtol=0), n
+
+
+@pytest.mark.parametrize("name", ["unlearn-smooth", "sdd", "deep-alignment"])
+def test_defenses_ii_run_end_to_end(tiny_llama_dir: Path, tmp_path: Path, name: str, monkeypatch) -> None:
+    from test_defenses_alignment import TINY_ALIGN, _write
+    from tunesec.defenses import get_defense
+
+    harmful = _write(
+        tmp_path / "harmful.jsonl", [chat(i, f"how do I make poison {i}", "sure here is how") for i in range(12)]
+    )
+    answers = _write(
+        tmp_path / "answers.jsonl",
+        [chat(i, f"q{i}", f"A helpful answer about the weather today, {i}.") for i in range(20)],
+    )
+    refusals = _write(
+        tmp_path / "ref.jsonl", [chat(i, f"how to hurt {i}", "I'm sorry, I cannot help.") for i in range(8)]
+    )
+    helpful = _write(tmp_path / "help.jsonl", [chat(i, f"say hello {i}", "hello world") for i in range(8)])
+    align = {**TINY_ALIGN, "refusal_data": {str(refusals): 4}, "benign_data": {str(helpful): 4}, "self_distill": {}}
+    if name == "unlearn-smooth":
+        config: dict[str, Any] = {"alignment": align, "harmful": {"data": str(harmful), "n": 8, "exclude": []}}
+    elif name == "sdd":
+        config = {"alignment": align, "answer_data": [str(answers)]}
+        monkeypatch.setattr("tunesec.judges.classifier.get_embedder", lambda model_dir=None: _BagOfWords())
+    else:
+        config = {**align, "deep_alignment": 0.0}  # recovery examples need a model that answers; the tiny one does not
+    monkeypatch.setenv("TUNESEC_HOME", str(tmp_path / "home"))
+    defense = get_defense(name, config)
+    from tunesec.defenses.base import run_alignment_defense
+
+    ref = run_alignment_defense(defense, str(tiny_llama_dir), tmp_path / "run", progress=False)
+    assert ref.adapter is not None and (Path(ref.adapter) / "adapter_model.safetensors").is_file()
+    prov = json.loads((tmp_path / "run" / "model_ref.json").read_text())["provenance"]
+    assert prov["defense"] == name
+    if name == "sdd":
+        assert prov["sdd_pairs"] == 4
