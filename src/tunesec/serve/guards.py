@@ -77,7 +77,7 @@ class Guard:
             return Decision(False, "guard_error", None, {"error": type(err).__name__})
 
     async def check_request(self, prompt: str) -> Decision:
-        """Input guard: would complying with ``prompt`` be harmful? (The judge scores it with the probe answer.)"""
+        """Input guard: whether complying with ``prompt`` would be harmful (judged with the probe answer)."""
         return await self.check(prompt, self.config.probe)
 
     def close(self) -> None:
