@@ -199,7 +199,7 @@ def test_unlearn_smooth_resumes_to_the_same_weights(tmp_path: Path) -> None:
             assert torch.allclose(a[n], p, atol=1e-6, rtol=0), n
 
 
-@pytest.mark.parametrize("name", ["unlearn-smooth", "sdd", "deep-alignment"])
+@pytest.mark.parametrize("name", ["unlearn-smooth", "sdd", "deep-alignment", "repnoise", "seam"])
 def test_defenses_ii_run_end_to_end(tiny_llama_dir: Path, tmp_path: Path, name: str, monkeypatch) -> None:
     from test_defenses_alignment import TINY_ALIGN, _write
     from tunesec.defenses import get_defense
@@ -216,7 +216,7 @@ def test_defenses_ii_run_end_to_end(tiny_llama_dir: Path, tmp_path: Path, name: 
     )
     helpful = _write(tmp_path / "help.jsonl", [chat(i, f"say hello {i}", "hello world") for i in range(8)])
     align = {**TINY_ALIGN, "refusal_data": {str(refusals): 4}, "benign_data": {str(helpful): 4}, "self_distill": {}}
-    if name == "unlearn-smooth":
+    if name in ("unlearn-smooth", "repnoise", "seam"):
         config: dict[str, Any] = {"alignment": align, "harmful": {"data": str(harmful), "n": 8, "exclude": []}}
     elif name == "sdd":
         config = {"alignment": align, "answer_data": [str(answers)]}
@@ -233,3 +233,117 @@ def test_defenses_ii_run_end_to_end(tiny_llama_dir: Path, tmp_path: Path, name: 
     assert prov["defense"] == name
     if name == "sdd":
         assert prov["sdd_pairs"] == 4
+
+
+# -- RepNoise ----------------------------------------------------------------------------------------------
+
+
+def test_mmd_is_zero_for_identical_samples_and_grows_with_the_shift() -> None:
+    import torch
+
+    from tunesec.defenses.alignment.repnoise import mmd
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 8)
+    assert float(mmd(x, x.clone())) == pytest.approx(0.0, abs=1e-6)
+    near, far = float(mmd(x, x + 0.1)), float(mmd(x, x + 5.0))
+    assert 0 < near < far
+
+
+def test_logit_lens_scores_every_hidden_state_and_subsamples_tokens() -> None:
+    import random
+
+    import torch
+
+    from tunesec.training.steps import logit_lens_losses
+
+    loaded = make_loaded()
+    batch = _encode(loaded, memorise_set(3))
+    with torch.no_grad():
+        out = loaded.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], output_hidden_states=True)
+        every = logit_lens_losses(loaded.model, batch, out.hidden_states)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        same = logit_lens_losses(loaded.model, batch, out.hidden_states, tokens=n, rng=random.Random(1))
+        some = logit_lens_losses(loaded.model, batch, out.hidden_states, tokens=3, rng=random.Random(1))
+    assert every.shape == (len(out.hidden_states),) and bool((every > 0).all())
+    assert torch.allclose(every, same) and not torch.allclose(every, some)
+
+
+def test_repnoise_term_is_beta_mmd_minus_alpha_log_ascent() -> None:
+    from tunesec.defenses.alignment.repnoise import RepresentationNoise
+
+    loaded = make_loaded()
+    harm = _encode(loaded, harmful_set(3))
+    hook = RepresentationNoise(alpha=1.0, beta=0.5, lens_tokens=1000)
+    hook.setup(_ctx(loaded, {"harmful": harm}))
+    loss = hook.loss(loaded.model, harm)
+    expected = 0.5 * hook.last["mmd"] - math.log(1.0 + hook.last["harmful_ce"])
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-4)
+    loss.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in _params(loaded.model))
+
+
+# -- SEAM --------------------------------------------------------------------------------------------------
+
+
+def test_seam_hessian_free_estimate_matches_the_exact_gradient_of_the_cosine() -> None:
+    import torch
+
+    from tunesec.defenses.alignment.seam import sd_gradient
+    from tunesec.training.trainer import lm_loss_mean
+
+    loaded = make_loaded()
+    model = loaded.model.double()
+    model.config._attn_implementation = "eager"  # SDPA's CPU kernel has no second derivative
+    a, b = _encode(loaded, harmful_set(2)), _encode(loaded, memorise_set(3))
+    params = _params(model)
+
+    def grads(batch: dict, create: bool = False) -> list:
+        return list(torch.autograd.grad(lm_loss_mean(model, batch), params, create_graph=create))
+
+    ga, gb = grads(a, True), grads(b, True)
+    dot = sum((x * y).sum() for x, y in zip(ga, gb, strict=True))
+    na = torch.sqrt(sum((x * x).sum() for x in ga))
+    nb = torch.sqrt(sum((y * y).sum() for y in gb))
+    exact = list(torch.autograd.grad(dot / (na * nb), params))
+    before = [p.detach().clone() for p in params]
+    est, cos = sd_gradient(lambda batch: [g.detach() for g in grads(batch)], params, a, b, eps=1e-4)
+    assert _same([p.detach() for p in params], before)
+    assert cos == pytest.approx(float((dot / (na * nb)).detach()), rel=1e-6)
+    flat_e = torch.cat([e.flatten() for e in est])
+    flat_x = torch.cat([x.flatten() for x in exact])
+    assert float(torch.nn.functional.cosine_similarity(flat_e, flat_x, dim=0)) > 0.999
+    assert float((flat_e - flat_x).norm() / flat_x.norm()) < 0.02
+
+
+@pytest.mark.parametrize("name", ["repnoise", "seam"])
+def test_representation_defenses_resume_to_the_same_weights(tmp_path: Path, name: str) -> None:
+    import torch
+
+    from test_defenses_alignment import _Kill
+    from tunesec.defenses.alignment.repnoise import RepresentationNoise
+    from tunesec.defenses.alignment.seam import SelfDestruction
+
+    def hook() -> Any:
+        return RepresentationNoise(1.0, 1e-3, 8) if name == "repnoise" else SelfDestruction(0.01, 1.0, 1e-3, 8)
+
+    cfg = TrainConfig(max_steps=4, save_steps=2, per_device_batch_size=2, learning_rate=5e-3)
+    extra = {"harmful": harmful_set(4), "benign": memorise_set(4)}
+    run = lambda out, hooks, resume=False: train(  # noqa: E731
+        make_loaded(),
+        memorise_set(8),
+        cfg,
+        out_dir=tmp_path / out,
+        hooks=hooks,
+        extra_datasets=extra,
+        resume=resume,
+        progress=False,
+    )
+    straight = run("a", [hook()])
+    with pytest.raises(KeyboardInterrupt):
+        run("b", [hook(), _Kill(at_call=3)])
+    resumed = run("b", [hook()], resume=True)
+    a = dict(straight.model.named_parameters())
+    for n, p in resumed.model.named_parameters():
+        if "lora_" in n:
+            assert torch.allclose(a[n], p, atol=1e-6, rtol=0), n

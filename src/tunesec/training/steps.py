@@ -436,3 +436,37 @@ def sequence_logprobs(model: Any, batch: Batch) -> torch.Tensor:
     seg = sequence_ids(batch)
     n = int(seg.max()) + 1 if seg.numel() else 0
     return torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seg, lp)
+
+
+def logit_lens_losses(model: Any, batch: Batch, hidden_states: Sequence[torch.Tensor], tokens: int | None = None,
+                      rng: random.Random | None = None) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy of the answer tokens read out from each hidden state through the final norm and LM head.
+
+    One value per hidden state (RepNoise's and SEAM's "logit lens"). With ``tokens``, only that many answer
+    positions (drawn with ``rng``) are scored: all of them over every layer would hold layers x tokens x vocab logits.
+    """
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    from tunesec.training.collate import IGNORE_INDEX
+
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    targets = batch["labels"][:, 1:][keep]
+    pick = None
+    if tokens is not None and targets.numel() > tokens:
+        chosen = sorted((rng or random.Random(0)).sample(range(targets.numel()), tokens))
+        pick = torch.tensor(chosen, dtype=torch.long, device=targets.device)
+        targets = targets[pick]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, "model", None) or getattr(base, "transformer", None)
+    norm = getattr(decoder, "norm", None) or getattr(decoder, "ln_f", None)
+    if norm is None:
+        raise ValueError("logit lens: cannot find the decoder's final norm (model.norm / transformer.ln_f)")
+    head = base.get_output_embeddings()
+    out = []
+    for h in hidden_states:
+        states = h[:, :-1][keep]
+        if pick is not None:
+            states = states[pick]
+        out.append(F.cross_entropy(head(norm(states)).float(), targets))
+    return torch.stack(out)

@@ -7,8 +7,10 @@ Importing this package registers them all without importing torch.
 from tunesec.defenses.alignment.booster import Booster, BoosterConfig
 from tunesec.defenses.alignment.ctrap import CTRAP, CTRAPConfig
 from tunesec.defenses.alignment.deep_alignment import DeepAlignment
+from tunesec.defenses.alignment.repnoise import RepNoise, RepNoiseConfig
 from tunesec.defenses.alignment.safety_sft import SafetySFT, SafetySFTConfig, build_alignment_data
 from tunesec.defenses.alignment.sdd import SDD, SDDConfig
+from tunesec.defenses.alignment.seam import SEAM, SEAMConfig
 from tunesec.defenses.alignment.t_vaccine import TVaccine, TVaccineConfig
 from tunesec.defenses.alignment.unlearn_smooth import UnlearnSmooth, UnlearnSmoothConfig
 from tunesec.defenses.alignment.vaa import VAA, VAAConfig
@@ -17,6 +19,7 @@ from tunesec.defenses.alignment.vaccine import Vaccine, VaccineConfig
 __all__ = [
     "CTRAP",
     "SDD",
+    "SEAM",
     "VAA",
     "Booster",
     "BoosterConfig",
@@ -24,6 +27,9 @@ __all__ = [
     "DeepAlignment",
     "SafetySFT",
     "SDDConfig",
+    "SEAMConfig",
+    "RepNoise",
+    "RepNoiseConfig",
     "SafetySFTConfig",
     "TVaccine",
     "TVaccineConfig",

@@ -78,8 +78,8 @@ class HookedAlignment:
         """Work before training (VAA's vulnerable groups); returns more provenance. Default: nothing."""
         return {}
 
-    def extra_datasets(self, harmful: Sequence[Example]) -> dict[str, list[Example]]:
-        """The engine's extra datasets (default: the harmful pairs as ``harmful``)."""
+    def extra_datasets(self, harmful: Sequence[Example], data: Sequence[Example]) -> dict[str, list[Example]]:
+        """The engine's extra datasets (default: the harmful pairs as ``harmful``; ``data`` is the mix)."""
         return {HARMFUL: list(harmful)} if harmful and self.trains_on_harmful else {}
 
     def harmful_data(self, notes: list[str] | None = None) -> tuple[list[Example], dict[str, Any]]:
@@ -127,5 +127,5 @@ class HookedAlignment:
             progress=progress,
             extra_provenance={**({"harmful_data": harmful_prov} if harmful_prov else {}), **extra_prov},
             hooks=hooks,
-            extra_datasets=self.extra_datasets(harmful),
+            extra_datasets=self.extra_datasets(harmful, examples),
         )

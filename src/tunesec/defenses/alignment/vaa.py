@@ -246,7 +246,7 @@ class VAA(HookedAlignment):
             raise UsageError("vulnerable_share: one of the two groups is empty; choose a share between them")
         return {"vaa_groups": {"vulnerable": len(self._groups[VULNERABLE]), "other": len(self._groups[OTHER])}}
 
-    def extra_datasets(self, harmful: Sequence[Example]) -> dict[str, list[Example]]:
+    def extra_datasets(self, harmful: Sequence[Example], data: Sequence[Example]) -> dict[str, list[Example]]:
         """The two groups, which the sampler draws every batch from."""
         return dict(self._groups)
 
