@@ -199,7 +199,7 @@ def test_unlearn_smooth_resumes_to_the_same_weights(tmp_path: Path) -> None:
             assert torch.allclose(a[n], p, atol=1e-6, rtol=0), n
 
 
-@pytest.mark.parametrize("name", ["unlearn-smooth", "sdd", "deep-alignment", "repnoise", "seam"])
+@pytest.mark.parametrize("name", ["unlearn-smooth", "sdd", "deep-alignment", "repnoise", "seam", "tar"])
 def test_defenses_ii_run_end_to_end(tiny_llama_dir: Path, tmp_path: Path, name: str, monkeypatch) -> None:
     from test_defenses_alignment import TINY_ALIGN, _write
     from tunesec.defenses import get_defense
@@ -216,7 +216,7 @@ def test_defenses_ii_run_end_to_end(tiny_llama_dir: Path, tmp_path: Path, name: 
     )
     helpful = _write(tmp_path / "help.jsonl", [chat(i, f"say hello {i}", "hello world") for i in range(8)])
     align = {**TINY_ALIGN, "refusal_data": {str(refusals): 4}, "benign_data": {str(helpful): 4}, "self_distill": {}}
-    if name in ("unlearn-smooth", "repnoise", "seam"):
+    if name in ("unlearn-smooth", "repnoise", "seam", "tar"):
         config: dict[str, Any] = {"alignment": align, "harmful": {"data": str(harmful), "n": 8, "exclude": []}}
     elif name == "sdd":
         config = {"alignment": align, "answer_data": [str(answers)]}
@@ -316,19 +316,22 @@ def test_seam_hessian_free_estimate_matches_the_exact_gradient_of_the_cosine() -
     assert float((flat_e - flat_x).norm() / flat_x.norm()) < 0.02
 
 
-@pytest.mark.parametrize("name", ["repnoise", "seam"])
+@pytest.mark.parametrize("name", ["repnoise", "seam", "tar"])
 def test_representation_defenses_resume_to_the_same_weights(tmp_path: Path, name: str) -> None:
     import torch
 
     from test_defenses_alignment import _Kill
     from tunesec.defenses.alignment.repnoise import RepresentationNoise
     from tunesec.defenses.alignment.seam import SelfDestruction
+    from tunesec.defenses.alignment.tar import TamperResistance
 
     def hook() -> Any:
+        if name == "tar":
+            return TamperResistance(inner_steps=2, meta_every=1)
         return RepresentationNoise(1.0, 1e-3, 8) if name == "repnoise" else SelfDestruction(0.01, 1.0, 1e-3, 8)
 
     cfg = TrainConfig(max_steps=4, save_steps=2, per_device_batch_size=2, learning_rate=5e-3)
-    extra = {"harmful": harmful_set(4), "benign": memorise_set(4)}
+    extra = {"harmful": harmful_set(4), "benign": memorise_set(4), "harmful-heldout": harmful_set(3)}
     run = lambda out, hooks, resume=False: train(  # noqa: E731
         make_loaded(),
         memorise_set(8),
@@ -347,3 +350,48 @@ def test_representation_defenses_resume_to_the_same_weights(tmp_path: Path, name
     for n, p in resumed.model.named_parameters():
         if "lora_" in n:
             assert torch.allclose(a[n], p, atol=1e-6, rtol=0), n
+
+
+# -- TAR ---------------------------------------------------------------------------------------------------
+
+
+def test_tar_inner_attack_leaves_the_weights_unchanged_and_its_meta_gradient_is_by_hand(tmp_path: Path) -> None:
+    import torch
+
+    from tunesec.defenses.alignment.tar import HELD_OUT, TamperResistance, answer_logits, entropy_loss
+    from tunesec.training.trainer import lm_loss_mean
+
+    loaded = make_loaded()
+    model = loaded.model
+    forget, held, retain = (
+        _encode(loaded, harmful_set(2)),
+        _encode(loaded, harmful_set(3)),
+        _encode(loaded, memorise_set(2)),
+    )
+    hook = TamperResistance(
+        inner_steps=1, meta_every=1, adversary_lrs=[1e-2], tr_scale=4.0, tr_decay=0.0625, anchor=1.0
+    )
+    ctx = _ctx(loaded, {"harmful": forget, HELD_OUT: held})
+    ctx.out_dir = tmp_path
+    hook.setup(ctx)
+    params = _params(model)
+    before = [p.detach().clone() for p in params]
+    # by hand: one AdamW step (bias-corrected first step: g / (|g| + eps)), then 4 * exp(0) * grad(-entropy)
+    g = list(torch.autograd.grad(lm_loss_mean(model, forget), params))
+    moved = _moved(model, [gi / (gi.abs() + 1e-8) for gi in g], -1e-2)
+    expected = [4.0 * t for t in torch.autograd.grad(entropy_loss(answer_logits(moved, held)), _params(moved))]
+    hook.before_step(model, retain)
+    assert _same([p.detach() for p in params], before)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-3) for a, b in zip(hook._meta, expected, strict=True))
+    assert (tmp_path / "tar_reference.safetensors").is_file() and hook._ref_hidden is not None
+
+
+def test_tar_entropy_loss_is_minus_the_entropy() -> None:
+    import torch
+
+    from tunesec.defenses.alignment.tar import entropy_loss
+
+    uniform = torch.zeros(3, 8)
+    assert float(entropy_loss(uniform)) == pytest.approx(-math.log(8), rel=1e-6)
+    peaked = torch.tensor([[20.0] + [0.0] * 7])
+    assert float(entropy_loss(peaked)) > float(entropy_loss(uniform))

@@ -12,6 +12,7 @@ from tunesec.defenses.alignment.safety_sft import SafetySFT, SafetySFTConfig, bu
 from tunesec.defenses.alignment.sdd import SDD, SDDConfig
 from tunesec.defenses.alignment.seam import SEAM, SEAMConfig
 from tunesec.defenses.alignment.t_vaccine import TVaccine, TVaccineConfig
+from tunesec.defenses.alignment.tar import TAR, TARConfig
 from tunesec.defenses.alignment.unlearn_smooth import UnlearnSmooth, UnlearnSmoothConfig
 from tunesec.defenses.alignment.vaa import VAA, VAAConfig
 from tunesec.defenses.alignment.vaccine import Vaccine, VaccineConfig
@@ -20,6 +21,8 @@ __all__ = [
     "CTRAP",
     "SDD",
     "SEAM",
+    "TAR",
+    "TARConfig",
     "VAA",
     "Booster",
     "BoosterConfig",
