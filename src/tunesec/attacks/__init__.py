@@ -3,6 +3,7 @@
 Importing this package registers every attack without importing torch.
 """
 
+from tunesec.attacks.adaptive import KickSettle, KickSettleConfig, Sidestep, SidestepConfig
 from tunesec.attacks.backdoor import Backdoor, BackdoorConfig
 from tunesec.attacks.base import Attack, FineTuneAttack, FineTuneAttackConfig
 from tunesec.attacks.benign_sft import BenignSFT, BenignSFTConfig
@@ -25,8 +26,12 @@ __all__ = [
     "IdentityShiftConfig",
     "JailbreakTuning",
     "JailbreakTuningConfig",
+    "KickSettle",
+    "KickSettleConfig",
     "RefusalAblation",
     "RefusalAblationConfig",
+    "Sidestep",
+    "SidestepConfig",
     "get_attack",
 ]
 

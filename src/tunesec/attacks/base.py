@@ -102,12 +102,20 @@ class FineTuneAttack(Attack):
     """An attack that is one fine-tune of the model: subclasses only build the training set.
 
     Subclasses implement :meth:`prepare`; :meth:`run` trains on its examples with the one engine
-    (:func:`finetune`) and records the extra provenance it returns.
+    (:func:`finetune_with_provenance`) and records the extra provenance it returns.
     """
 
     @abstractmethod
     def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
         """The training examples (from ``data`` or the config's default) and what goes into the provenance."""
+
+    def hooks(self, examples: Sequence[Example]) -> list[TrainingHook]:
+        """Training hooks that make the attack adaptive (default: none, a plain fine-tune)."""
+        return []
+
+    def extra_datasets(self, examples: Sequence[Example]) -> dict[str, list[Example]]:
+        """Named datasets the hooks draw batches from (default: none)."""
+        return {}
 
     def run(
         self,
@@ -121,15 +129,18 @@ class FineTuneAttack(Attack):
         """Fine-tune ``model`` on :meth:`prepare`'s examples; see :meth:`Attack.run`."""
         assert isinstance(self.config, FineTuneAttackConfig)
         examples, provenance = self.prepare(data)
-        return finetune(
-            self.name,
-            model,
-            examples,
-            self.config,
-            out_dir,
+        return finetune_with_provenance(
+            component={"attack": self.name},
+            parent=model,
+            examples=examples,
+            training=self.config.training,
+            config_dump=self.config.model_dump(mode="json"),
+            out_dir=out_dir,
             resume=resume,
             progress=progress,
             extra_provenance=provenance or None,
+            hooks=self.hooks(examples),
+            extra_datasets=self.extra_datasets(examples) or None,
         )
 
 
@@ -261,31 +272,6 @@ def write_model_ref(out_dir: Path, ref: ModelRef) -> Path:
     path = out_dir / "model_ref.json"
     atomic_write_json(path, ref.model_dump(mode="json"))
     return path
-
-
-def finetune(
-    attack: str,
-    parent: ModelRef | str,
-    examples: Sequence[Example],
-    config: FineTuneAttackConfig,
-    out_dir: str | Path,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    extra_provenance: dict[str, Any] | None = None,
-) -> ModelRef:
-    """Fine-tune ``parent`` on ``examples`` for attack ``attack``; see :func:`finetune_with_provenance`."""
-    return finetune_with_provenance(
-        component={"attack": attack},
-        parent=parent,
-        examples=examples,
-        training=config.training,
-        config_dump=config.model_dump(mode="json"),
-        out_dir=out_dir,
-        resume=resume,
-        progress=progress,
-        extra_provenance=extra_provenance,
-    )
 
 
 def finetune_with_provenance(

@@ -156,6 +156,10 @@ class TrainingHook:
     def teardown(self, model: Any) -> None:
         """Called once after training (also when training fails): remove forward hooks, free memory."""
 
+    def lr_scale(self, step: int) -> float:
+        """A factor on the scheduler's learning rate for optimizer step ``step`` (Kick-Settle's kick); 1 = unchanged."""
+        return 1.0
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state written with every checkpoint (e.g. a sampler's weights); see :meth:`load_state_dict`."""
         return {}

@@ -270,6 +270,18 @@ class EngineCallback(TrainerCallback):
             self._bar.start()
             self._task = self._bar.add_task("train", total=state.max_steps, completed=state.global_step, loss="-")
 
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Apply the hooks' learning-rate factors for this step (the scheduler resets the rate after each step)."""
+        scale = 1.0
+        for hook in self.hooks:
+            scale *= float(hook.lr_scale(state.global_step))
+        optimizer = kwargs.get("optimizer")
+        if scale != 1.0 and optimizer is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * scale
+
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
