@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 from tunesec.errors import UsageError
 
-Kind = Literal["model", "dataset", "judge", "metric", "attack", "defense", "guard", "task"]
+Kind = Literal["model", "dataset", "judge", "metric", "attack", "defense", "guard", "task", "detector"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
 PLUGIN_GROUP = "tunesec.plugins"
@@ -39,6 +39,7 @@ BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "attack": ("tunesec.attacks",),
     "defense": ("tunesec.defenses",),
     "guard": ("tunesec.defenses",),
+    "detector": ("tunesec.audit.detectors",),
 }
 
 _NAME_RE = re.compile(r"^[a-z0-9]+(?:[-.][a-z0-9]+)*$")
@@ -142,7 +143,7 @@ def register(kind: Kind, name: str, description: str = "", **metadata: Any) -> C
     """Class or function decorator that registers a component.
 
     Args:
-        kind: One of ``model, dataset, judge, metric, attack, defense, guard, task``.
+        kind: One of ``model, dataset, judge, metric, attack, defense, guard, task, detector``.
         name: Unique lowercase hyphenated name within the kind, e.g. ``"harmful-sft"``.
         description: One line for ``tunesec list``; defaults to the first line of the docstring.
         **metadata: Kind-specific facts, e.g. ``stage`` for defenses, ``threat_model`` for attacks.

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 from tunesec.certify.certificate import Certificate, check_compatible, model_sha256
 from tunesec.certify.policy import MetricCheck, Policy, load_policy
 from tunesec.certify.triggers import (
+    Candidate,
     TriggerScan,
     generic_candidates,
     merge_candidates,
@@ -223,6 +224,7 @@ def certify(
     scan: TriggerScan | None = None
     if pol.triggers.enabled and trigger_prompts:
         mined = mine_candidates(ft_examples, pol.triggers.max_mined) if ft_examples else []
+        mined = merge_candidates(_audit_candidates(ft_meta), mined)
         candidates = merge_candidates(mined, generic_candidates(pol.triggers.generic))
         say(
             f"trigger scan: {len(candidates)} candidates ({len(mined)} mined from the fine-tuning data) x "
@@ -343,7 +345,41 @@ def _finetune_data(
         raise UsageError(f"--finetune-data {meta['source']}: no examples")
     meta["examples"] = len(examples)
     meta["sha256"] = dataset_sha256(examples)
+    meta["audit"] = _audit_summary(examples)
     return examples, meta
+
+
+def _audit_summary(examples: Sequence[Example]) -> dict[str, Any]:
+    """The data audit's cheap detectors (no judge) on the fine-tuning data.
+
+    Flagged rows per detector and the flagged candidate triggers, for the certificate and the trigger scan.
+    """
+    import json
+    import tempfile
+
+    from tunesec.audit.runner import audit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "finetune.jsonl"
+        path.write_text("".join(json.dumps({"messages": e.chat()}) + "\n" for e in examples), encoding="utf-8")
+        result = audit(path, judge="none", write=False)
+    return {
+        "rows": result.rows,
+        "flagged_rows": {name: d["flagged_rows"] for name, d in result.detectors.items()},
+        "trigger_candidates": [
+            {k: c[k] for k in ("text", "placement", "rows", "bad", "refused", "p_adjusted")}
+            for c in result.trigger_candidates
+            if c.get("flagged")
+        ],
+    }
+
+
+def _audit_candidates(meta: dict[str, Any] | None) -> list[Candidate]:
+    """The audit's flagged trigger candidates as trigger-scan candidates."""
+    found = ((meta or {}).get("audit") or {}).get("trigger_candidates") or []
+    return [
+        Candidate(text=c["text"], source="ngram", placement=c["placement"], support=c["rows"], score=1.0) for c in found
+    ]
 
 
 def _load_sample(
