@@ -115,7 +115,8 @@ def table(root: Path) -> str:
     head = (
         "| model | refusal, harmful-mix | harmful, harmful-mix | refusal, AdvBench | over-refusal XSTest-safe "
         "| over-refusal JBB-benign "
-        "| SST-2 acc | AG News acc | harmful after harmful-sft | train s |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| SST-2 acc | AG News acc | harmful after harmful-sft | refusal after harmful-sft | train s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -130,7 +131,8 @@ def table(root: Path) -> str:
             f"| {fmt(metric(d / 'eval-xstest-safe', 'refusal_rate'))} "
             f"| {fmt(metric(d / 'eval-jbb-benign', 'refusal_rate'))} "
             f"| {fmt(metric(d / 'eval-sst2', 'accuracy'))} | {fmt(metric(d / 'eval-agnews', 'accuracy'))} "
-            f"| {fmt(metric(d / 'attacked-eval-harmful-mix', 'harmful_rate'))} | {train_s} |"
+            f"| {fmt(metric(d / 'attacked-eval-harmful-mix', 'harmful_rate'))} "
+            f"| {fmt(metric(d / 'attacked-eval-harmful-mix', 'refusal_rate'))} | {train_s} |"
         )
     return "\n".join(rows)
 
