@@ -101,7 +101,7 @@ def test_booster_term_is_lambda_times_the_gradient_difference_and_weights_come_b
     hook.setup(_ctx(loaded, {"harmful": harm}))
     hook.before_step(model, align)
     assert _same([p.detach() for p in _params(model)], before)  # restored exactly
-    assert _close(hook._correction, [5.0 * (a - b) for a, b in zip(g0, g1, strict=True)])
+    assert _close(hook._term, [5.0 * (a - b) for a, b in zip(g0, g1, strict=True)])
     hook.after_step(model)
     assert _close([p.grad for p in _params(model)], [5.0 * (a - b) for a, b in zip(g0, g1, strict=True)])
     assert hook.last_reduction > 0  # a normalised descent step lowers the harmful loss
@@ -136,7 +136,7 @@ def test_ctrap_term_is_the_collapse_gradient_at_the_simulated_harmful_step() -> 
     g_c = _grad(_moved(model, g_h, -0.1 / (_norm(g_h) + 1e-7)), collapse)
     hook.before_step(model, align)
     assert _same([p.detach() for p in _params(model)], before)
-    assert _close(hook._correction, [0.1 * g for g in g_c])
+    assert _close(hook._term, [0.1 * g for g in g_c])
     assert hook.token == loaded.tokenizer("no", add_special_tokens=False)["input_ids"][-1]
 
 
@@ -225,8 +225,8 @@ def test_t_vaccine_scores_layers_and_trains_only_the_sampled_ones() -> None:
     hook.setup(_ctx(loaded, {"harmful": harm}))
     hook.before_step(model, batch)
     assert hook.probabilities == pytest.approx([n / sum(norms) for n in norms], rel=1e-4)
-    assert len(hook.sampled) == 1 and list(hook.last_norms) == hook.sampled
-    assert hook.last_norms[hook.sampled[0]] == pytest.approx(3.0, rel=1e-4)
+    assert len(hook.sampled) == 1 and list(hook.layer_norms) == hook.sampled
+    assert hook.layer_norms[hook.sampled[0]] == pytest.approx(3.0, rel=1e-4)
     for n, p in model.named_parameters():
         if "lora_" in n and ("q_proj" in n or "v_proj" in n):
             assert p.requires_grad == (f"layers.{hook.sampled[0]}." in n), n

@@ -382,7 +382,7 @@ def test_tar_inner_attack_leaves_the_weights_unchanged_and_its_meta_gradient_is_
     expected = [4.0 * t for t in torch.autograd.grad(entropy_loss(answer_logits(moved, held)), _params(moved))]
     hook.before_step(model, retain)
     assert _same([p.detach() for p in params], before)
-    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-3) for a, b in zip(hook._meta, expected, strict=True))
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-3) for a, b in zip(hook._term, expected, strict=True))
     assert (tmp_path / "tar_reference.safetensors").is_file() and hook._ref_hidden is not None
 
 

@@ -166,3 +166,28 @@ class TrainingHook:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s state on resume (called after :meth:`setup`)."""
+
+
+class GradientTermHook(TrainingHook):
+    """A hook whose ``before_step`` computes a gradient term with extra passes, added to ``.grad`` after the step's.
+
+    Subclasses call :meth:`keep_term` in ``before_step`` (after :meth:`setup` has stored ``self.ctx``); the term
+    is added in ``after_step``, divided by the accumulation count as the loss is (Booster, CTRAP, SEAM, NPO,
+    TAR's meta-gradient).
+    """
+
+    ctx: HookContext
+    _term: list[Any] | None = None
+    _term_params: list[Any] | None = None
+
+    def keep_term(self, params: Any, tensors: Any) -> None:
+        """Remember ``tensors`` (shaped like ``params``) to add to their gradients after this micro-batch."""
+        self._term_params, self._term = list(params), list(tensors)
+
+    def after_step(self, model: Any) -> None:
+        """Add the kept term to ``.grad``."""
+        from tunesec.training.steps import add_to_grad
+
+        if self._term is not None and self._term_params is not None:
+            add_to_grad(self._term_params, self._term, 1.0 / max(self.ctx.clock.accumulation, 1))
+            self._term = None

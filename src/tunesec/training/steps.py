@@ -143,6 +143,14 @@ def perturbed(params: Params, direction: Sequence[torch.Tensor], scale: float | 
         move.restore()
 
 
+NORM_EPS = 1e-7  # added to gradient norms before dividing, as the official Vaccine/Booster/CTRAP/VAA code does
+
+
+def unit_step(direction: Sequence[torch.Tensor], radius: float) -> float:
+    """The scale that moves by ``radius`` along ``direction``: ``radius / (||direction|| + 1e-7)`` (global norm)."""
+    return radius / (float(global_norm(direction)) + NORM_EPS)
+
+
 def add_to_grad(params: Params, tensors: Sequence[torch.Tensor], weight: float = 1.0) -> None:
     """``p.grad += weight * t`` for each parameter (creating ``.grad`` where it is None)."""
     import torch

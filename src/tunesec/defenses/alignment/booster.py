@@ -27,9 +27,7 @@ from pydantic import Field
 from tunesec.data.schema import Example
 from tunesec.defenses.alignment.hooked import HARMFUL, HookedAlignment, HookedAlignmentConfig
 from tunesec.registry import register
-from tunesec.training.hooks import Batch, HookContext, TrainingHook
-
-NORM_EPS = 1e-7
+from tunesec.training.hooks import Batch, GradientTermHook, HookContext, TrainingHook
 
 
 class BoosterConfig(HookedAlignmentConfig):
@@ -44,14 +42,13 @@ class BoosterConfig(HookedAlignmentConfig):
     )
 
 
-class HarmfulStepAttenuation(TrainingHook):
+class HarmfulStepAttenuation(GradientTermHook):
     """Booster's regulariser as a hook: two extra passes on a harmful batch, their difference added to the gradient."""
 
     name = "booster"
 
     def __init__(self, lam: float, alpha: float, batch_size: int | None = None, dataset: str = HARMFUL) -> None:
         self.lam, self.alpha, self.batch_size, self.dataset = lam, alpha, batch_size, dataset
-        self._correction: list[Any] | None = None
         self.last_reduction = float("nan")  # h(w) - h(w - alpha g/|g|) of the last micro-batch
 
     def setup(self, ctx: HookContext) -> None:
@@ -61,27 +58,17 @@ class HarmfulStepAttenuation(TrainingHook):
 
     def before_step(self, model: Any, inputs: Batch) -> None:
         """``lambda * (grad h(w) - grad h(w - alpha g_h/|g_h|))`` on the next harmful batch, kept for ``after_step``."""
-        from tunesec.training.steps import global_norm, gradient, perturbed, trainable_parameters
+        from tunesec.training.steps import gradient, perturbed, trainable_parameters, unit_step
 
         batch = next(self._harmful)
         params = [p for _, p in trainable_parameters(model)]
         h0 = self.ctx.lm_loss(model, batch)
         g0 = gradient(h0, params)
-        norm = float(global_norm(g0)) + NORM_EPS
-        with perturbed(params, g0, -self.alpha / norm):
+        with perturbed(params, g0, -unit_step(g0, self.alpha)):
             h1 = self.ctx.lm_loss(model, batch)
             g1 = gradient(h1, params)
         self.last_reduction = float(h0.detach()) - float(h1.detach())
-        self._correction = [self.lam * (a - b) for a, b in zip(g0, g1, strict=True)]
-        self._params = params
-
-    def after_step(self, model: Any) -> None:
-        """Add the regulariser's gradient (divided by the accumulation count, like the loss)."""
-        from tunesec.training.steps import add_to_grad
-
-        if self._correction is not None:
-            add_to_grad(self._params, self._correction, 1.0 / max(self.ctx.clock.accumulation, 1))
-            self._correction = None
+        self.keep_term(params, [self.lam * (a - b) for a, b in zip(g0, g1, strict=True)])
 
 
 @register(

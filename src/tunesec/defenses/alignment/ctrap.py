@@ -28,9 +28,7 @@ from pydantic import Field
 from tunesec.data.schema import Example
 from tunesec.defenses.alignment.hooked import HARMFUL, HookedAlignment, HookedAlignmentConfig
 from tunesec.registry import register
-from tunesec.training.hooks import Batch, HookContext, TrainingHook
-
-NORM_EPS = 1e-7
+from tunesec.training.hooks import Batch, GradientTermHook, HookContext, TrainingHook
 
 
 class CTRAPConfig(HookedAlignmentConfig):
@@ -67,7 +65,7 @@ def collapse_labels(labels: Any, token: int) -> Any:
     return torch.where(labels != IGNORE_INDEX, torch.full_like(labels, token), labels)
 
 
-class CollapseTrap(TrainingHook):
+class CollapseTrap(GradientTermHook):
     """CTRAP's term as a hook: gradient of the collapse loss at a simulated harmful step, added to the step's."""
 
     name = "ctrap"
@@ -76,7 +74,6 @@ class CollapseTrap(TrainingHook):
         self, lam: float, alpha: float, text: str = "an error", batch_size: int | None = None, dataset: str = HARMFUL
     ) -> None:
         self.lam, self.alpha, self.text, self.batch_size, self.dataset = lam, alpha, text, batch_size, dataset
-        self._correction: list[Any] | None = None
         self.last_collapse_loss = float("nan")
 
     def setup(self, ctx: HookContext) -> None:
@@ -87,26 +84,16 @@ class CollapseTrap(TrainingHook):
 
     def before_step(self, model: Any, inputs: Batch) -> None:
         """``lambda * grad CE_collapse`` on this retain batch at ``w - alpha g_h/|g_h|``, kept for ``after_step``."""
-        from tunesec.training.steps import global_norm, gradient, perturbed, trainable_parameters
+        from tunesec.training.steps import gradient, perturbed, trainable_parameters, unit_step
 
         params = [p for _, p in trainable_parameters(model)]
         g_h = gradient(self.ctx.lm_loss(model, next(self._harmful)), params)
-        norm = float(global_norm(g_h)) + NORM_EPS
         collapse = {**inputs, "labels": collapse_labels(inputs["labels"], self.token)}
-        with perturbed(params, g_h, -self.alpha / norm):
+        with perturbed(params, g_h, -unit_step(g_h, self.alpha)):
             loss = self.ctx.lm_loss(model, collapse)
             g_c = gradient(loss, params)
         self.last_collapse_loss = float(loss.detach())
-        self._correction = [self.lam * g for g in g_c]
-        self._params = params
-
-    def after_step(self, model: Any) -> None:
-        """Add the collapse term's gradient (divided by the accumulation count, like the loss)."""
-        from tunesec.training.steps import add_to_grad
-
-        if self._correction is not None:
-            add_to_grad(self._params, self._correction, 1.0 / max(self.ctx.clock.accumulation, 1))
-            self._correction = None
+        self.keep_term(params, [self.lam * g for g in g_c])
 
 
 @register(

@@ -36,7 +36,7 @@ from pydantic import Field
 from tunesec.data.schema import Example
 from tunesec.defenses.alignment.hooked import HARMFUL, HookedAlignment, HookedAlignmentConfig
 from tunesec.registry import register
-from tunesec.training.hooks import Batch, HookContext, TrainingHook
+from tunesec.training.hooks import Batch, GradientTermHook, HookContext, TrainingHook
 
 BENIGN = "benign"
 NORM_EPS = 1e-12
@@ -79,7 +79,7 @@ def sd_gradient(
     return est, c
 
 
-class SelfDestruction(TrainingHook):
+class SelfDestruction(GradientTermHook):
     """SEAM's unlearning and self-destruction terms as a hook (L_up is the engine's own batch)."""
 
     name = "seam"
@@ -89,7 +89,6 @@ class SelfDestruction(TrainingHook):
     ) -> None:
         self.beta, self.unlearn_weight, self.eps = beta, unlearn_weight, eps
         self.lens_tokens, self.batch_size = lens_tokens, batch_size
-        self._term: list[Any] | None = None
         self.last: dict[str, float] = {}
 
     def setup(self, ctx: HookContext) -> None:
@@ -119,15 +118,7 @@ class SelfDestruction(TrainingHook):
             lambda b: gradient(self.ctx.lm_loss(model, b), params), params, harmful, benign, self.eps
         )
         self.last["cos"] = cos
-        self._term, self._params = [self.beta * g for g in est], params
-
-    def after_step(self, model: Any) -> None:
-        """Add ``beta * grad L_sd`` (divided by the accumulation count)."""
-        from tunesec.training.steps import add_to_grad
-
-        if self._term is not None:
-            add_to_grad(self._params, self._term, 1.0 / max(self.ctx.clock.accumulation, 1))
-            self._term = None
+        self.keep_term(params, [self.beta * g for g in est])
 
 
 @register(

@@ -26,11 +26,11 @@ from pydantic import Field
 
 from tunesec.data.schema import Example
 from tunesec.defenses.alignment.hooked import HARMFUL, HookedAlignment, HookedAlignmentConfig
+from tunesec.defenses.alignment.vaccine import HiddenStatePerturbation
 from tunesec.defenses.base import HarmfulDataConfig
 from tunesec.registry import register
 from tunesec.training.hooks import Batch, HookContext, TrainingHook
 
-NORM_EPS = 1e-7
 _ATTENTION_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "c_proj")
 
 
@@ -78,24 +78,23 @@ def sample_layers(probabilities: Sequence[float], k: int, rng: Any) -> list[int]
     return sorted(chosen)
 
 
-class LayerwisePerturbation(TrainingHook):
+class LayerwisePerturbation(HiddenStatePerturbation):
     """T-Vaccine's layer sampling, freezing and perturbation as a training hook (see the module docstring)."""
 
     name = "t-vaccine"
 
     def __init__(self, rho: float, layers: int, resample_steps: int, probability_steps: int, dataset: str = HARMFUL):
-        self.rho, self.k, self.j, self.kp, self.dataset = rho, layers, resample_steps, probability_steps, dataset
+        super().__init__(rho, "attention")
+        self.k, self.j, self.kp, self.dataset = layers, resample_steps, probability_steps, dataset
         self.probabilities: list[float] = []
         self.sampled: list[int] = []
-        self._adding: Any = None
         self._apply = False
-        self.last_norms: dict[int, float] = {}
+        self.layer_norms: dict[int, float] = {}
 
     def setup(self, ctx: HookContext) -> None:
         """Keep the context; a harmful stream of batch size 1 scores the layers."""
-        self.ctx = ctx
+        super().setup(ctx)
         self._harmful: Iterator[Batch] = ctx.batches(self.dataset, batch_size=1, seed=ctx.config.seed + 2)
-        self.tap: Any = None
 
     def _attention_lora(self, model: Any) -> dict[int, list[Any]]:
         from tunesec.training.steps import layer_index
@@ -113,7 +112,7 @@ class LayerwisePerturbation(TrainingHook):
 
     def before_step(self, model: Any, inputs: Batch) -> None:
         """Rescore / resample layers when due, then Vaccine's perturbation on the sampled layers."""
-        from tunesec.training.steps import ActivationTap, global_norm, layer_index, step_rng
+        from tunesec.training.steps import ActivationTap, layer_index, step_rng
 
         if self.tap is None:
             self.tap = ActivationTap(model, "attention")
@@ -134,24 +133,12 @@ class LayerwisePerturbation(TrainingHook):
             self._set_trainable(model, set(self.sampled))
             self._apply = False
         names = [n for n in self.tap.names if layer_index(n) in set(self.sampled)]
-        with self.tap.recording(names):
-            loss = self.ctx.lm_loss(model, inputs)
-        grads = self.tap.output_gradients(loss)
-        scale = self.rho / (float(global_norm(list(grads.values()))) + NORM_EPS)
-        eps = {n: g * scale for n, g in grads.items()}
-        self.last_norms = {layer_index(n): float(e.norm()) for n, e in eps.items()}
-        self._adding = self.tap.adding(eps)
-        self._adding.__enter__()
-
-    def after_step(self, model: Any) -> None:
-        """Remove the perturbation hooks."""
-        if self._adding is not None:
-            self._adding.__exit__(None, None, None)
-            self._adding = None
+        norms = self.perturb(model, inputs, names)
+        self.layer_norms = {layer_index(n): v for n, v in norms.items()}
 
     def teardown(self, model: Any) -> None:
         """Remove hooks; every LoRA weight trainable again (the saved adapter is the same either way)."""
-        self.after_step(model)
+        super().teardown(model)
         self._set_trainable(model, None)
 
     def state_dict(self) -> dict[str, Any]:

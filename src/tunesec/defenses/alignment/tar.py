@@ -37,7 +37,7 @@ from pydantic import Field, field_validator
 from tunesec.data.schema import Example
 from tunesec.defenses.alignment.hooked import HARMFUL, HookedAlignment, HookedAlignmentConfig
 from tunesec.registry import register
-from tunesec.training.hooks import Batch, HookContext, TrainingHook
+from tunesec.training.hooks import Batch, GradientTermHook, HookContext, TrainingHook
 
 HELD_OUT = "harmful-heldout"
 REFERENCE_FILE = "tar_reference.safetensors"
@@ -82,7 +82,7 @@ def answer_logits(model: Any, batch: Batch) -> Any:
     return model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[:, :-1][keep]
 
 
-class TamperResistance(TrainingHook):
+class TamperResistance(GradientTermHook):
     """TAR's simulated attacks, meta-gradient and representation anchor as a training hook."""
 
     name = "tar"
@@ -100,7 +100,6 @@ class TamperResistance(TrainingHook):
         self.k, self.every, self.lrs = inner_steps, meta_every, list(adversary_lrs)
         self.scale, self.decay, self.anchor = tr_scale, tr_decay, anchor
         self.reference: Any = None
-        self._meta: list[Any] | None = None
         self._ref_hidden: list[Any] | None = None
         self.last: dict[str, float] = {}
 
@@ -164,12 +163,11 @@ class TamperResistance(TrainingHook):
         lr = step_rng(self.ctx.config.seed, self.ctx.clock, "tar-lr").choice(self.lrs)
         saved = [p.detach().clone() for p in params]
         try:
-            self._meta = self.attack(model, params, lr)
+            self.keep_term(params, self.attack(model, params, lr))
         finally:
             with torch.no_grad():  # the simulated attack never reaches the real weights
                 for p, s in zip(params, saved, strict=True):
                     p.copy_(s)
-        self._params = params
         self.last["adversary_lr"] = lr
         if self.anchor > 0:
             kwargs = {k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}
@@ -188,14 +186,6 @@ class TamperResistance(TrainingHook):
         loss = torch.stack(dist).mean()
         self.last["anchor"] = float(loss.detach())
         return self.anchor * loss
-
-    def after_step(self, model: Any) -> None:
-        """Add the tamper-resistance meta-gradient (divided by the accumulation count)."""
-        from tunesec.training.steps import add_to_grad
-
-        if self._meta is not None:
-            add_to_grad(self._params, self._meta, 1.0 / max(self.ctx.clock.accumulation, 1))
-            self._meta = None
 
 
 @register(

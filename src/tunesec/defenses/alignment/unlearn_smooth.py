@@ -30,9 +30,8 @@ from pydantic import Field
 from tunesec.data.schema import Example
 from tunesec.defenses.alignment.hooked import HARMFUL, HookedAlignment, HookedAlignmentConfig
 from tunesec.registry import register
-from tunesec.training.hooks import Batch, HookContext, TrainingHook
+from tunesec.training.hooks import Batch, GradientTermHook, HookContext, TrainingHook
 
-NORM_EPS = 1e-7
 REFERENCE_FILE = "npo_reference.safetensors"
 
 
@@ -56,7 +55,7 @@ def npo_loss(logp: Any, ref_logp: Any, beta: float) -> Any:
     return (-(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp))).mean()
 
 
-class NPOSmoothing(TrainingHook):
+class NPOSmoothing(GradientTermHook):
     """The forget term (NPO at the SAM point) and the retain weight gamma, as a training hook."""
 
     name = "unlearn-smooth"
@@ -64,7 +63,6 @@ class NPOSmoothing(TrainingHook):
     def __init__(self, beta: float, gamma: float, rho: float, batch_size: int | None = None, dataset: str = HARMFUL):
         self.beta, self.gamma, self.rho, self.batch_size, self.dataset = beta, gamma, rho, batch_size, dataset
         self.reference: Any = None
-        self._term: list[Any] | None = None
         self.last_forget_loss = float("nan")
 
     def setup(self, ctx: HookContext) -> None:
@@ -102,7 +100,7 @@ class NPOSmoothing(TrainingHook):
         """NPO's gradient at the SAM point of the next forget batch, kept for ``after_step``."""
         import torch
 
-        from tunesec.training.steps import global_norm, gradient, perturbed, sequence_logprobs, trainable_parameters
+        from tunesec.training.steps import gradient, perturbed, sequence_logprobs, trainable_parameters, unit_step
 
         ref = self._reference(model)
         batch = next(self._forget)
@@ -112,21 +110,13 @@ class NPOSmoothing(TrainingHook):
         loss = npo_loss(sequence_logprobs(model, batch), ref_logp, self.beta)
         if self.rho > 0:
             g = gradient(loss, params)
-            with perturbed(params, g, self.rho / (float(global_norm(g)) + NORM_EPS)):
+            with perturbed(params, g, unit_step(g, self.rho)):
                 loss = npo_loss(sequence_logprobs(model, batch), ref_logp, self.beta)
                 term = gradient(loss, params)
         else:
             term = gradient(loss, params)
         self.last_forget_loss = float(loss.detach())
-        self._term, self._params = term, params
-
-    def after_step(self, model: Any) -> None:
-        """Add the forget term's gradient (divided by the accumulation count, like the loss)."""
-        from tunesec.training.steps import add_to_grad
-
-        if self._term is not None:
-            add_to_grad(self._params, self._term, 1.0 / max(self.ctx.clock.accumulation, 1))
-            self._term = None
+        self.keep_term(params, term)
 
 
 @register(

@@ -40,7 +40,6 @@ from tunesec.models.ref import ModelRef
 from tunesec.registry import register
 from tunesec.training.hooks import Batch, HookContext, TrainingHook
 
-NORM_EPS = 1e-7
 VULNERABLE, OTHER = "vaa-vulnerable", "vaa-other"
 GROUPS_FILE = "vaa_groups.json"
 
@@ -101,14 +100,14 @@ class GroupDROSampling(TrainingHook):
 
     def before_step(self, model: Any, inputs: Batch) -> None:
         """With probability ``lambda * progress``: move the weights to the SAM point for the training pass."""
-        from tunesec.training.steps import Perturbation, global_norm, gradient, step_rng, trainable_parameters
+        from tunesec.training.steps import Perturbation, gradient, step_rng, trainable_parameters, unit_step
 
         rng = step_rng(self.ctx.config.seed, self.ctx.clock, "vaa-sam")
         if rng.random() >= self.lam * self.ctx.clock.progress:
             return
         params = [p for _, p in trainable_parameters(model)]
         g = gradient(self.ctx.lm_loss(model, inputs), params)
-        self._move = Perturbation(params, g, self.rho / (float(global_norm(g)) + NORM_EPS))
+        self._move = Perturbation(params, g, unit_step(g, self.rho))
         self.sam_steps += 1
 
     def after_step(self, model: Any) -> None:

@@ -32,8 +32,6 @@ from tunesec.defenses.alignment.hooked import HookedAlignment, HookedAlignmentCo
 from tunesec.registry import register
 from tunesec.training.hooks import Batch, HookContext, TrainingHook
 
-NORM_EPS = 1e-7  # added to the gradient norm, as in the official code
-
 
 class VaccineConfig(HookedAlignmentConfig):
     """Vaccine: the shipped alignment recipe trained against hidden-state perturbations of norm ``rho``."""
@@ -62,20 +60,27 @@ class HiddenStatePerturbation(TrainingHook):
         self.ctx = ctx
         self.tap: Any = None
 
-    def before_step(self, model: Any, inputs: Batch) -> None:
-        """Pass 1: gradients w.r.t. the tapped outputs; then add ``eps`` to them for the training pass."""
-        from tunesec.training.steps import ActivationTap, global_norm
+    def perturb(self, model: Any, inputs: Batch, names: list[str] | None = None) -> dict[str, float]:
+        """Vaccine's rule on the tapped outputs (or the ``names`` among them): pass 1, then ``eps`` added.
+
+        Returns each perturbed module's ``|eps_l|`` (together they have norm ``rho``); ``after_step`` removes it.
+        """
+        from tunesec.training.steps import ActivationTap, unit_step
 
         if self.tap is None:
             self.tap = ActivationTap(model, self.modules)
-        with self.tap.recording():
+        with self.tap.recording(names):
             loss = self.ctx.lm_loss(model, inputs)
         grads = self.tap.output_gradients(loss)
-        scale = self.rho / (float(global_norm(list(grads.values()))) + NORM_EPS)
+        scale = unit_step(list(grads.values()), self.rho)
         eps = {name: g * scale for name, g in grads.items()}
-        self.last_norms = [float(e.norm()) for e in eps.values()]
         self._adding = self.tap.adding(eps)
         self._adding.__enter__()
+        return {name: float(e.norm()) for name, e in eps.items()}
+
+    def before_step(self, model: Any, inputs: Batch) -> None:
+        """Pass 1: gradients w.r.t. the tapped outputs; then add ``eps`` to them for the training pass."""
+        self.last_norms = list(self.perturb(model, inputs).values())
 
     def after_step(self, model: Any) -> None:
         """Remove the perturbation hooks."""
