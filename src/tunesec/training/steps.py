@@ -381,37 +381,45 @@ def example_losses(
 ) -> dict[str, float]:
     """Mean assistant-token cross-entropy of each example, by example id (forward passes only, no gradients).
 
-    Used to find which examples a change to the model "forgets" (VAA's vulnerable group). An example left
-    with no assistant token after truncation has no entry.
+    Used to find which examples a change to the model "forgets" (VAA's vulnerable group). Examples are packed
+    into rows of ``batch_size`` (as the engine trains), the vocabulary projection is computed only where an answer
+    token is predicted, and on a CPU the linear layers run on the inference kernels; an example left with no
+    assistant token after truncation has no entry.
     """
+    import contextlib
+
     import torch
     import torch.nn.functional as F  # noqa: N812
 
-    from tunesec.training.collate import IGNORE_INDEX, chat_renderer, encode_dataset, make_padded_collator
+    from tunesec.models.cpu_kernels import cpu_inference
+    from tunesec.training.collate import IGNORE_INDEX, chat_renderer, collate_packed, encode_dataset, features
+    from tunesec.training.trainer import accepts_logits_to_keep
 
     encoded = encode_dataset(examples, tokenizer, chat_renderer(tokenizer), max_seq_len, what="examples")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    collate = make_padded_collator(int(pad))
     device = next(model.parameters()).device
+    use_ltk = accepts_logits_to_keep(model)
     out: dict[str, float] = {}
     was_training = model.training
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    with torch.no_grad():
+    kernels = cpu_inference(model) if device.type == "cpu" else contextlib.nullcontext()
+    with torch.no_grad(), kernels:
         for start in range(0, len(order), batch_size):
             chunk = [encoded[i] for i in order[start : start + batch_size]]
-            batch = {
-                k: v.to(device)
-                for k, v in collate([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk]).items()
-            }
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            targets = batch["labels"][:, 1:]
-            nll = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-            )
-            counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-            for e, value in zip(chunk, (nll.sum(dim=1) / counts).tolist(), strict=True):
-                out[e.example_id] = float(value)
+            batch = {k: v.to(device) for k, v in collate_packed(features(chunk)).items()}
+            keep = batch["labels"][:, 1:] != IGNORE_INDEX
+            idx = keep[0].nonzero().squeeze(-1)
+            kwargs: dict[str, Any] = {"logits_to_keep": idx} if use_ltk else {}
+            logits = model(
+                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **kwargs
+            ).logits
+            logits = logits[0] if use_ltk else logits[0, :-1][keep[0]]
+            nll = F.cross_entropy(logits.float(), batch["labels"][0, 1:][keep[0]], reduction="none")
+            seg = sequence_ids(batch)
+            sums = torch.zeros(len(chunk), dtype=nll.dtype, device=nll.device).index_add(0, seg, nll)
+            counts = torch.zeros(len(chunk), dtype=nll.dtype, device=nll.device).index_add(0, seg, torch.ones_like(nll))
+            for e, total, n in zip(chunk, sums.tolist(), counts.tolist(), strict=True):
+                out[e.example_id] = total / max(n, 1.0)
     model.train(was_training)
     return out
 
