@@ -269,7 +269,7 @@ def test_vaa_sam_step_trains_at_the_ascent_point_and_restores_weights() -> None:
     hook.before_step(model, batch)
     loss = lm_loss_mean(model, batch)  # the engine's training pass, at the perturbed weights
     loss.backward()
-    ctx.last_loss = float(loss)
+    ctx.last_loss = float(loss.detach())
     hook.after_step(model)
     assert _same([p.detach() for p in _params(model)], before)
     assert _close([p.grad for p in _params(model)], expected)
