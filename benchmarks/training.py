@@ -11,6 +11,7 @@ the examples trained on, over the time of the training loop (dataset preparation
 Usage:
     python benchmarks/training.py [--model smollm2-135m] [--steps 20] [--batch-size 8] [--rounds 1] [--no-write]
     python benchmarks/training.py --defense vaccine t-vaccine booster vaa ctrap [--steps 10]
+    python benchmarks/training.py --defense repnoise seam tar unlearn-smooth
 
 Prints a table and appends a ``## Training — <date> — <machine>`` section to BENCHMARKS.md.
 
@@ -151,7 +152,18 @@ def run_sft(model_spec: str, steps: int, batch: int, lo: int, hi: int) -> dict:
 
 
 # forward-backward passes per step that each defense's method needs (see the module docstring)
-FB_COUNT = {"none": 1, "vaccine": 2, "t-vaccine": 2, "booster": 3, "ctrap": 3, "vaa": 2}
+FB_COUNT = {
+    "none": 1,
+    "vaccine": 2,
+    "t-vaccine": 2,
+    "booster": 3,
+    "ctrap": 3,
+    "vaa": 2,
+    "repnoise": 2,  # the harmful forward-backward adds the logit lens of every layer on 64 tokens
+    "seam": 6,
+    "unlearn-smooth": 3,  # plus the reference model's forward pass
+    "tar": 4,  # K=2 inner steps + 1 meta-gradient + the training pass (+ the start model's forward pass)
+}
 
 
 def run_defense(name: str, model_spec: str, steps: int, batch: int, lo: int, hi: int) -> dict:
@@ -173,7 +185,13 @@ def run_defense(name: str, model_spec: str, steps: int, batch: int, lo: int, hi:
         defense = get_defense(name, {"lam": 1.0} if name == "vaa" else None)
         harmful, _ = defense_harmful_data(HarmfulDataConfig(n=200), defense=name)
         hooks = defense.hooks(harmful, data)
-        extra = {"harmful": harmful, VULNERABLE: data[::2], OTHER: data[1::2]}
+        extra = {
+            "harmful": harmful[:100],
+            "harmful-heldout": harmful[100:],
+            "benign": data,
+            VULNERABLE: data[::2],
+            OTHER: data[1::2],
+        }
         if name == "vaa":
             hooks[0].lam = float("inf")  # SAM on every step (the schedule's probability is lam * progress)
     with tempfile.TemporaryDirectory() as tmp:
