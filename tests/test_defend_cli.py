@@ -147,3 +147,15 @@ def test_labelled_rows_keep_only_harmful_pairs() -> None:
 
     out, _ = defense_harmful_data(HarmfulDataConfig(n=50, exclude=[]), defense="booster")
     assert all(e.meta.get("harmful") is True for e in out) and len(out) == 50
+
+
+def test_python_defend_leaves_no_run_behind_on_bad_input(tiny_llama_dir: Path, tmp_path: Path, recipe: Path) -> None:
+    import tunesec
+    from tunesec.config import read_yaml
+
+    config = read_yaml(recipe)
+    config.pop("rho")
+    config["harmful"]["n"] = 0
+    with pytest.raises(UsageError, match="booster: harmful.n is 0"):
+        tunesec.defend("booster", str(tiny_llama_dir), out=tmp_path / "bad", config=config, progress=False)
+    assert not (tmp_path / "bad" / "run.json").exists()

@@ -253,8 +253,11 @@ def defend(
         run = RunDir.resume(Path(resume), kind="defend", spec=spec)
     else:
         run = RunDir.create("defend", f"{name}-{Path(model).name}", spec, out=Path(out) if out is not None else None)
-    notes: list[str] = []
-    ref = run_alignment_defense(defense, model, run.path, notes=notes, progress=progress)
+    try:
+        ref = run_alignment_defense(defense, model, run.path, progress=progress)
+    except UsageError:
+        run.discard()  # bad input found once the data is read: leave no run behind (only run.json was written)
+        raise
     run.finish(model=ref.model_dump(mode="json"))
     return ref
 

@@ -104,13 +104,11 @@ class HookedAlignment:
         notes: list[str] | None = None,
     ) -> ModelRef:
         """Align ``model`` on ``data`` (default: the recipe's mix) with this defense's hooks; see ``tunesec defend``."""
-        from tunesec.attacks.base import finetune_with_provenance
+        from tunesec.attacks.base import finetune_with_provenance, spec_string
         from tunesec.defenses.base import alignment_mix
 
         out = Path(out_dir)
         recipe = self.config.alignment
-        from tunesec.attacks.base import spec_string
-
         spec = model if isinstance(model, str) else spec_string(model)
         examples = list(data) if data is not None else alignment_mix(recipe, spec, out, notes=notes, progress=progress)
         harmful, harmful_prov = self.harmful_data(notes)
