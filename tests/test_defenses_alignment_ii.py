@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ class _BagOfWords:
         for t in texts:
             v = np.zeros(64, dtype=np.float32)
             for w in t.lower().split():
-                v[hash(w) % 64] += 1.0
+                v[zlib.crc32(w.encode()) % 64] += 1.0  # not hash(): salted per process
             rows.append(v / max(float(np.linalg.norm(v)), 1e-9))
         return np.stack(rows)
 
