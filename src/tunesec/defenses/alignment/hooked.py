@@ -78,6 +78,15 @@ class HookedAlignment:
         """Work before training (VAA's vulnerable groups); returns more provenance. Default: nothing."""
         return {}
 
+    def training_mix(
+        self, mix: Sequence[Example], notes: list[str] | None = None
+    ) -> tuple[list[Example], dict[str, Any]]:
+        """The examples trained on, made from the recipe's mix, and their provenance.
+
+        Default: the mix as it is; SDD replaces its refusal answers.
+        """
+        return list(mix), {}
+
     def extra_datasets(self, harmful: Sequence[Example], data: Sequence[Example]) -> dict[str, list[Example]]:
         """The engine's extra datasets (default: the harmful pairs as ``harmful``; ``data`` is the mix)."""
         return {HARMFUL: list(harmful)} if harmful and self.trains_on_harmful else {}
@@ -110,7 +119,8 @@ class HookedAlignment:
         out = Path(out_dir)
         recipe = self.config.alignment
         spec = model if isinstance(model, str) else spec_string(model)
-        examples = list(data) if data is not None else alignment_mix(recipe, spec, out, notes=notes, progress=progress)
+        mix = list(data) if data is not None else alignment_mix(recipe, spec, out, notes=notes, progress=progress)
+        examples, mix_prov = self.training_mix(mix, notes)
         harmful, harmful_prov = self.harmful_data(notes)
         extra_prov = self.prepare(model, out, examples, harmful, progress=progress)
         hooks = self.hooks(harmful, examples)
@@ -123,7 +133,7 @@ class HookedAlignment:
             out_dir=out,
             resume=resume,
             progress=progress,
-            extra_provenance={**({"harmful_data": harmful_prov} if harmful_prov else {}), **extra_prov},
+            extra_provenance={**({"harmful_data": harmful_prov} if harmful_prov else {}), **mix_prov, **extra_prov},
             hooks=hooks,
             extra_datasets=self.extra_datasets(harmful, examples),
         )

@@ -19,29 +19,21 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from tunesec.config import Config
 from tunesec.data.schema import Example, Message
-from tunesec.defenses.alignment.safety_sft import SafetySFTConfig
-from tunesec.defenses.base import shipped_alignment_config
+from tunesec.defenses.alignment.hooked import HookedAlignment, HookedAlignmentConfig
 from tunesec.errors import UsageError
-from tunesec.models.ref import ModelRef
 from tunesec.registry import register
 
 REJECT_PREFIX = "I refuse to answer your question for responsible and ethical reasons. Here is an unrelated answer: "
 
 
-class SDDConfig(Config):
-    """SDD: the shipped recipe with irrelevant high-quality answers in place of refusals."""
+class SDDConfig(HookedAlignmentConfig):
+    """SDD: the shipped recipe (``alignment``) with irrelevant high-quality answers in place of its refusals."""
 
-    alignment: SafetySFTConfig = Field(
-        default_factory=shipped_alignment_config,
-        description="The alignment recipe whose refusal examples get irrelevant answers (default: the shipped one).",
-    )
     answer_data: list[str] = Field(
         default_factory=lambda: ["alpaca", "dolly"],
         description="Benign datasets whose answers are the irrelevant ones.",
@@ -130,50 +122,20 @@ def sdd_mix(config: SDDConfig, mix: Sequence[Example], embedder: Any = None) -> 
     threat_model="open-weights",
     needs_harmful=False,
 )
-class SDD:
+class SDD(HookedAlignment):
     """SDD (see the module docstring)."""
 
     name = "sdd"
     config_class = SDDConfig
 
-    def __init__(self, config: SDDConfig | dict[str, Any] | None = None) -> None:
-        """Build the defense with a config (instance, mapping of fields, or the defaults)."""
-        from tunesec.config import validate
-
-        self.config = (
-            validate(SDDConfig, config or {}, source="sdd config") if not isinstance(config, SDDConfig) else config
-        )
-
-    def run(
-        self,
-        model: ModelRef | str,
-        out_dir: str | Path,
-        data: Sequence[Example] | None = None,
-        *,
-        resume: bool = False,
-        progress: bool = True,
-        notes: list[str] | None = None,
-    ) -> ModelRef:
-        """Train the recipe's run on the SDD mix (``data``: the recipe's mix; default: built or cached)."""
-        from tunesec.attacks.base import finetune_with_provenance, spec_string
-        from tunesec.defenses.base import alignment_mix
-
-        out = Path(out_dir)
-        spec = model if isinstance(model, str) else spec_string(model)
-        mix = list(data) if data is not None else alignment_mix(self.config.alignment, spec, out, progress=progress)
+    def training_mix(
+        self, mix: Sequence[Example], notes: list[str] | None = None
+    ) -> tuple[list[Example], dict[str, Any]]:
+        """The recipe's mix with irrelevant answers in place of its refusals (:func:`sdd_mix`)."""
+        assert isinstance(self.config, SDDConfig)
         examples, prov = sdd_mix(self.config, mix)
         if notes is not None and prov["over_threshold"]:
             notes.append(
                 f"sdd: {prov['over_threshold']} prompts kept an answer above max_similarity (least similar drawn)"
             )
-        return finetune_with_provenance(
-            component={"defense": self.name},
-            parent=model,
-            examples=examples,
-            training=self.config.alignment.training,
-            config_dump=self.config.model_dump(mode="json"),
-            out_dir=out,
-            resume=resume,
-            progress=progress,
-            extra_provenance=prov,
-        )
+        return examples, prov
