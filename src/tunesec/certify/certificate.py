@@ -38,6 +38,7 @@ class Certificate(BaseModel):
         evaluations: Per evaluation: run directories, cache use, every metric of both models.
         triggers: The trigger scan (every candidate's counts and p-values).
         forensics: Drift per layer, adapters and refusal-direction alignment.
+        artifact_scan: ``tunesec scan`` of the tuned model's local artifact (findings, file hashes), if local.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -55,6 +56,7 @@ class Certificate(BaseModel):
     evaluations: list[dict[str, Any]] = Field(default_factory=list)
     triggers: dict[str, Any] | None = None
     forensics: dict[str, Any] | None = None
+    artifact_scan: dict[str, Any] | None = None
 
 
 def dir_hashes(path: Path) -> dict[str, Any]:
