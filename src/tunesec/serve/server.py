@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 from tunesec.errors import UsageError
@@ -56,6 +57,19 @@ def build_state(model: str, config: ServeConfig, host: str, backend: Backend | N
             )
         keys = None  # open on loopback only; the command says so
     secret = config.secret_prompt()
+    if Path(model).is_dir():
+        from tunesec.models.ref import ModelRef
+        from tunesec.models.secret_prompt import stored_secret_prompt
+
+        # a model tuned with BackdoorAlign carries its secret safety prompt: applied and filtered like a configured one
+        stored = stored_secret_prompt(ModelRef.parse(model))
+        if stored is not None and secret is not None and stored.strip() != secret:
+            # the local engine would put both in the system turn and the leak filter would know only one
+            raise UsageError(
+                f"serve config prompts: {model} carries its own secret safety prompt (BackdoorAlign); "
+                "drop secret_prompt_file/secret_prompt_env"
+            )
+        secret = secret if secret is not None else stored
     name = config.served_name or model
     guards = config.guards
     input_guard = Guard("input", guards.input, guards.timeout_s) if guards.input.enabled else None
