@@ -32,6 +32,14 @@ def defend_command(
     ] = False,
     eval_limit: Annotated[int, typer.Option(min=1, help="Prompts per evaluation for --eval.")] = 100,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer for --eval.")] = DEFAULT_EVAL_TOKENS,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Train on N processes of this machine (DDP: one per GPU, or CPU cores with gloo); the same as "
+            "`accelerate launch --num_processes N -m tunesec ...`.",
+        ),
+    ] = 1,
     data_dir: Annotated[Path | None, typer.Option(help="Local data directory for named datasets.")] = None,
 ) -> None:
     """Run alignment-stage defense NAME on MODEL; writes a run directory and prints the defended model's spec."""
@@ -39,6 +47,7 @@ def defend_command(
         _data_dir,
         _discard_on_bad_input,
         _open_run,
+        _processes,
         evaluate_tuned,
         model_spec_string,
     )
@@ -53,6 +62,7 @@ def defend_command(
         source = str(recipe) if recipe is not None else "--set"
         cfg = defense_config(entry.obj, data, source=source, path=None if set_ else recipe)
         defense = entry.obj(cfg)
+        _processes(processes)
         spec = {"defense": name, "model": model, "config": cfg.model_dump(mode="json")}
         run = _open_run("defend", f"{name}-{Path(model).name}", spec, out, resume)
         console.print(f"run directory: {run.path}")

@@ -154,6 +154,9 @@ def generate(
     seed: int = typer.Option(0, help="Sampling seed."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle weight files."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run model code from the hub."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Engine: auto (vLLM when installed and a CUDA GPU is present, else hf), hf or vllm."
+    ),
 ) -> None:
     """Generate responses with the batched engine; prints them, or writes JSONL with --out."""
     from tunesec.config import validate
@@ -180,7 +183,7 @@ def generate(
         },
         "generate options",
     )
-    gen = get_generator(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    gen = get_generator(model, backend=backend, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     results = gen.generate(prompts, cfg)
     if out is not None:
         from tunesec.store.atomic import write_new_file

@@ -35,6 +35,7 @@ from rich.markup import escape
 from tunesec.models.chat import ChatFormatter
 from tunesec.models.cpu_kernels import cpu_inference
 from tunesec.models.loading import LoadedModel
+from tunesec.models.secret_prompt import stored_secret_prompt, with_secret
 from tunesec.models.types import Generation, GenerationConfig, Prompt, as_chat
 from tunesec.progress import make_progress
 
@@ -72,6 +73,8 @@ class HFGenerator:
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.cache_kwarg = _cache_kwarg(self.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # BackdoorAlign: a secret safety prompt stored with the model goes first in every system turn (never shown)
+        self._secret = stored_secret_prompt(loaded.ref)
 
     # Continues a chat's final assistant turn with ``GenerationConfig(continue_final_message=True)``.
     prefills = True
@@ -79,7 +82,11 @@ class HFGenerator:
     def encode(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[list[int]]:
         """Token ids of each prompt rendered with the chat template (see ``continue_final_message``)."""
         cont = config.continue_final_message
-        return [self.formatter.encode(as_chat(p, config.system_prompt), continue_final=cont) for p in prompts]
+        secret = self._secret
+        return [
+            self.formatter.encode(with_secret(as_chat(p, config.system_prompt), secret), continue_final=cont)
+            for p in prompts
+        ]
 
     def generate(
         self, prompts: Sequence[Prompt], config: GenerationConfig | None = None, *, progress: bool = True
@@ -641,53 +648,124 @@ class _RowSampler:
 class VLLMGenerator:
     """Generation with vLLM (CUDA only); used by :func:`get_generator` when vllm is installed and a GPU is present.
 
-    Chats are rendered with the same sandboxed template as the local engine, so both backends see identical
-    prompt text.
+    The engine gets the prompts as token ids encoded exactly as the local engine encodes them (sandboxed chat
+    template, BOS added once, a stored secret prompt first in the system turn), not as text that vLLM would
+    tokenize again (adding a second BOS to a template that already has one). Decoding follows the local engine:
+    greedy unless ``do_sample``; each prompt samples from its own seed (``seed * 1_000_003 + index``, as the local
+    engine seeds its per-prompt streams), so a prompt's output does not depend on the others in the call; it stops
+    at the model's EOS ids (generation config and tokenizer) or after ``max_new_tokens``; the text is the
+    completion's ids decoded as the local engine decodes them (special tokens and the final EOS left out: vLLM's
+    own text keeps an EOS id that is an ordinary token).
+
+    Args:
+        model_path: A local model directory or hub id (safetensors weights unless ``allow_pickle``).
+        tokenizer: The model's tokenizer (for the chat template and the EOS ids).
+        name: Shown in progress and reports.
+        llm: A ready ``vllm.LLM``-like engine (tests pass a fake); by default one is built.
+        secret: The model's stored secret safety prompt (BackdoorAlign), put first in every system turn.
+        allow_pickle: Let vLLM read pickle weight files (``load_format="auto"``); off: safetensors only.
+        **engine_args: Passed to ``vllm.LLM`` (``dtype``, ``gpu_memory_utilization``, ``max_num_seqs`` ...).
     """
 
     prefills = True
 
-    def __init__(self, model_path: str, tokenizer: Any, name: str, **engine_args: Any) -> None:
-        try:
-            from vllm import LLM
-        except ImportError as err:  # pragma: no cover - vllm is not installed on CPU machines
-            raise ImportError("vLLM backend needs `pip install tunesec[vllm]`") from err
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: Any,
+        name: str,
+        *,
+        llm: Any = None,
+        secret: str | None = None,
+        allow_pickle: bool = False,
+        generation_config: Any = None,
+        **engine_args: Any,
+    ) -> None:
         self.name = name
+        self.tokenizer = tokenizer
         self.formatter = ChatFormatter(tokenizer)
-        self.llm = LLM(model=model_path, tokenizer=model_path, **engine_args)
+        self._secret = secret
+        self.eos_ids = _eos_ids(_ConfigHolder(generation_config), tokenizer)
+        if llm is None:
+            try:
+                from vllm import LLM
+            except ImportError as err:  # pragma: no cover - vllm is not installed on CPU machines
+                raise ImportError("vLLM backend needs `pip install tunesec[vllm]`") from err
+            engine_args.setdefault("load_format", "auto" if allow_pickle else "safetensors")
+            llm = LLM(model=model_path, tokenizer=model_path, **engine_args)  # pragma: no cover - needs CUDA
+        self.llm = llm
 
-    def generate(  # pragma: no cover - needs CUDA
-        self, prompts: Sequence[Prompt], config: GenerationConfig | None = None, *, progress: bool = True
-    ) -> list[Generation]:
-        """Generate with vLLM's continuous batching."""
+    def encode(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[list[int]]:
+        """Token ids of each prompt, as :meth:`HFGenerator.encode` makes them."""
+        cont = config.continue_final_message
+        return [
+            self.formatter.encode(with_secret(as_chat(p, config.system_prompt), self._secret), continue_final=cont)
+            for p in prompts
+        ]
+
+    def sampling_params(self, config: GenerationConfig, n_prompts: int) -> list[Any]:
+        """One ``vllm.SamplingParams`` per prompt (each with its own seed when sampling)."""
         from vllm import SamplingParams
 
+        common: dict[str, Any] = {
+            "n": 1,
+            "max_tokens": config.max_new_tokens,
+            "stop_token_ids": list(self.eos_ids),
+            "skip_special_tokens": True,
+        }
+        if not config.do_sample:  # greedy: vLLM ignores top_p / top_k / seed at temperature 0
+            return [SamplingParams(temperature=0.0, **common)] * n_prompts
+        return [
+            SamplingParams(
+                temperature=config.temperature,
+                top_p=config.top_p,
+                top_k=config.top_k if config.top_k > 0 else -1,  # -1 (or 0 in newer vLLM) disables top-k
+                seed=(config.seed * 1_000_003 + i) % (2**63),
+                **common,
+            )
+            for i in range(n_prompts)
+        ]
+
+    def generate(
+        self, prompts: Sequence[Prompt], config: GenerationConfig | None = None, *, progress: bool = True
+    ) -> list[Generation]:
+        """Generate with vLLM's continuous batching; one generation per prompt, in order."""
         cfg = config or GenerationConfig()
-        params = SamplingParams(
-            max_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature if cfg.do_sample else 0.0,
-            top_p=cfg.top_p if cfg.do_sample else 1.0,
-            top_k=cfg.top_k if (cfg.do_sample and cfg.top_k > 0) else -1,
-            seed=cfg.seed,
-        )
-        cont = cfg.continue_final_message
-        texts = [self.formatter.render(as_chat(p, cfg.system_prompt), continue_final=cont) for p in prompts]
+        if not prompts:
+            return []
+        encoded = self.encode(prompts, cfg)
+        params = self.sampling_params(cfg, len(encoded))
         t0 = time.perf_counter()
-        outs = self.llm.generate(texts, params, use_tqdm=progress)
-        elapsed = time.perf_counter() - t0
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=progress)
+        share = (time.perf_counter() - t0) / len(encoded)
+        if len(outs) != len(encoded):
+            raise RuntimeError(f"vLLM returned {len(outs)} outputs for {len(encoded)} prompts")
         results = []
-        for out in outs:
+        eos = set(self.eos_ids)
+        for ids, out in zip(encoded, outs, strict=True):
             comp = out.outputs[0]
+            new = list(comp.token_ids)
+            # vLLM's text keeps a stop token that is not a special token (a generation config may list an ordinary
+            # token as EOS); the HF engine's text ends before it: decode the same ids the same way
+            if comp.finish_reason != "length" and new and new[-1] in eos:
+                new = new[:-1]
             results.append(
                 Generation(
-                    text=comp.text,
-                    prompt_tokens=len(out.prompt_token_ids or []),
+                    text=self.tokenizer.decode(new, skip_special_tokens=True),
+                    prompt_tokens=len(ids),
                     completion_tokens=len(comp.token_ids),
                     finish_reason="length" if comp.finish_reason == "length" else "stop",
-                    seconds=round(elapsed, 4),
+                    seconds=round(share, 4),
                 )
             )
         return results
+
+
+class _ConfigHolder:
+    """Lets :func:`_eos_ids` read a bare generation config (vLLM's path has no loaded model)."""
+
+    def __init__(self, generation_config: Any) -> None:
+        self.generation_config = generation_config
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

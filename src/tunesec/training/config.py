@@ -75,6 +75,12 @@ class TrainConfig(Config):
         None, ge=1, description="torch intra-op threads on CPU (default: torch's choice, the physical cores)."
     )
     check_memory: bool = Field(True, description="Refuse to start when the estimated memory need exceeds what is free.")
+    fsdp: bool = Field(
+        False,
+        exclude_if=lambda v: not v,  # left out of run specs when off, so earlier runs resume unchanged
+        description="Shard weights, gradients and optimizer state over the processes with FSDP (CUDA, several "
+        "processes, no hooks) instead of replicating the model with DDP.",
+    )
 
     @model_validator(mode="after")
     def _check_lora_fields(self) -> TrainConfig:

@@ -24,6 +24,7 @@ from tunesec.data.schema import Example
 from tunesec.errors import UsageError
 from tunesec.models.cpu_kernels import cpu_training
 from tunesec.store.atomic import atomic_write_json
+from tunesec.training import distributed
 from tunesec.training.collate import (
     chat_renderer,
     collate_packed,
@@ -136,6 +137,12 @@ def train(
     }
     ckpt_root = out / CHECKPOINTS
     resume_from = _resolve_resume(ckpt_root, resume)
+    _check_fsdp(hf_model, config, hooks)
+    # A launched command: rank 0 has prepared everything the other ranks read (run directory, data); let them go.
+    distributed.release_workers()
+    distributed.training_started()
+    main = distributed.is_main_process()
+    progress = progress and main
 
     import torch
     from transformers import TrainingArguments, set_seed
@@ -178,11 +185,19 @@ def train(
             raise UsageError(f"extra_datasets: no dataset named {name!r}; given: {', '.join(extra_rows) or 'none'}")
         size = batch_size or config.per_device_batch_size
 
+        ranks, me = distributed.world_size(), distributed.rank()
+
         def generate() -> Iterator[Batch]:
+            # Several processes split the stream as they split the main data: rank r takes batches r, r + N, ...
+            # (so N ranks see the batches one process would see over N micro-batches).
             gen = torch.Generator().manual_seed(config.seed if seed is None else seed)
+            k = 0
             while True:
                 order = torch.randperm(len(rows), generator=gen).tolist()
                 for i in range(0, len(order), size):
+                    k += 1
+                    if (k - 1) % ranks != me:
+                        continue
                     batch = collate([rows[j] for j in order[i : i + size]])
                     yield {k: v.to(device) for k, v in batch.items()}
                 if not cycle:
@@ -238,6 +253,9 @@ def train(
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=device.type == "cuda",
+        # on a CPU, several launched processes train with DDP over gloo only when the Trainer is told it is a CPU run
+        use_cpu=device.type == "cpu",
+        **_fsdp_arguments(config),
     )
     callback = EngineCallback(hooks, masks, progress, streams)
     trainer = HookedTrainer(
@@ -263,7 +281,9 @@ def train(
             hook.teardown(trainable)
     trainable.eval()
 
-    saved = _save_final(trainable, tokenizer, out / MODEL_DIR)
+    target = out / MODEL_DIR
+    saved = _save_final(trainable, tokenizer, target) if main else target
+    tokens = int(distributed.all_reduce_sum(float(trainer.tokens_seen)))
     seconds = callback.seconds
     metrics = TrainMetrics(
         losses=callback.losses,
@@ -272,14 +292,17 @@ def train(
         examples=len(encoded),
         dropped_examples=len(dataset) - len(encoded),
         truncated_examples=sum(1 for e in encoded if e.truncated),
-        tokens=trainer.tokens_seen,
+        tokens=tokens,
         seconds=seconds,
-        tokens_per_second=trainer.tokens_seen / seconds if seconds > 0 else 0.0,
+        tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         trainable_parameters=sum(p.numel() for p in trainable.parameters() if p.requires_grad),
         total_parameters=sum(p.numel() for p in trainable.parameters()),
         target_modules=targets,
     )
-    atomic_write_json(out / METRICS_FILE, asdict(metrics))
+    if main:
+        atomic_write_json(out / METRICS_FILE, asdict(metrics))
+    distributed.barrier()  # every rank returns once rank 0 has saved the model
+    distributed.training_finished()
     lora = config.method == "lora"
     return TrainResult(
         model=trainable,
@@ -288,6 +311,44 @@ def train(
         metrics=metrics,
         checkpoint_dir=ckpt_root,
     )
+
+
+def _fsdp_arguments(config: TrainConfig) -> dict[str, Any]:
+    """TrainingArguments for FSDP (``config.fsdp``): full sharding, wrapped per decoder layer, original parameters."""
+    if not config.fsdp:
+        return {}
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {"use_orig_params": True, "sync_module_states": True, "activation_checkpointing": False},
+    }
+
+
+def _check_fsdp(model: Any, config: TrainConfig, hooks: Sequence[TrainingHook]) -> None:
+    """Refuse FSDP where it cannot shard the run: hooks (they see sharded weights), a quantized base, no GPUs."""
+    if not config.fsdp:
+        return
+    if hooks:
+        names = ", ".join(h.name for h in hooks)
+        raise UsageError(
+            f"training.fsdp: hooks ({names}) read and edit whole weights and gradients, which FSDP shards across "
+            "processes; train this run with DDP (training.fsdp: false)"
+        )
+    if config.method == "lora" and (
+        getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+        or getattr(model, "quantization_method", None) is not None
+    ):
+        raise UsageError(
+            "training.fsdp: LoRA on a quantized base cannot be sharded (its packed weights are not plain "
+            "parameters); load the base unquantized or train with DDP (training.fsdp: false)"
+        )
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("training.fsdp: FSDP shards over CUDA devices and this machine has none; use DDP "
+                         "(--processes N, training.fsdp: false)")  # fmt: skip
+    if not distributed.is_launched():
+        raise UsageError("training.fsdp: needs several processes (accelerate launch, or --processes N)")
 
 
 def linear_module_names(model: Any) -> list[str]:

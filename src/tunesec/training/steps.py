@@ -331,8 +331,16 @@ class WeightSnapshot:
                     p.copy_(v)
 
     def save(self, path: str | Path) -> None:
-        """Write the copy as safetensors (atomically), so a resumed run gets the same reference."""
+        """Write the copy as safetensors (atomically), so a resumed run gets the same reference.
+
+        With several processes only rank 0 writes (every rank holds the same copy).
+        """
         from safetensors.torch import save_file
+
+        from tunesec.training.distributed import is_main_process
+
+        if not is_main_process():
+            return
 
         target = Path(path)
         tmp = target.with_name(f".{target.name}.tmp")

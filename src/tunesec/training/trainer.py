@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from tunesec.training import distributed
 from tunesec.training.collate import IGNORE_INDEX
 from tunesec.training.hooks import Batch, ExtraBatch, HookContext, TrainingHook
 
@@ -61,7 +62,8 @@ def lm_loss_sum(
         logits = outputs.logits[:, :-1][keep]
         tgt = targets[keep]
     outputs.logits = logits
-    loss = F.cross_entropy(logits.float(), tgt, reduction="sum")
+    # half precision is upcast for the loss; float64 (a reference run) is kept
+    loss = F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), tgt, reduction="sum")
     return loss, int(tgt.numel()), outputs
 
 
@@ -97,6 +99,8 @@ class HookedTrainer(Trainer):
         self.extra_iterators = list(extra_iterators)
         self.use_logits_to_keep = logits_to_keep
         self.needs_hidden = any(h.needs_hidden_states for h in self.hooks)
+        # hooks whose after_step may edit .grad: with several processes their edits are averaged over ranks
+        self.grad_editors = any(type(h).after_step is not TrainingHook.after_step for h in self.hooks)
         # compute_loss divides by the label count of the whole accumulated step.
         self.loss_is_scaled_for_ga = True
         self.step_lm_loss = torch.zeros(())
@@ -114,6 +118,9 @@ class HookedTrainer(Trainer):
             n_labels += int((b["labels"][..., 1:] != IGNORE_INDEX).sum())
             mask = b.get("attention_mask")
             self.tokens_seen += int(mask.sum()) if mask is not None else int(b["input_ids"].numel())
+        # Several processes: every rank divides its token sum by the count over all ranks' micro-batches (and
+        # compute_loss multiplies by the world size, which DDP's mean of the gradients divides out again).
+        n_labels = int(distributed.all_reduce_sum(float(n_labels)))
         return batches, max(n_labels, 1)
 
     def compute_loss(
@@ -130,11 +137,16 @@ class HookedTrainer(Trainer):
         if self.context is not None:
             self.context.last_loss = float(total.detach()) / max(n, 1)
         micro = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
-        denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1) * micro
-        loss = total / denom
-        self.step_lm_loss = self.step_lm_loss.to(loss.device) + loss.detach()
+        if num_items_in_batch is not None:  # the step's token count over every rank: DDP averages, so scale up
+            loss = total / num_items_in_batch
+            if self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = total / (max(n, 1) * micro)
+        self.step_lm_loss = self.step_lm_loss.to(loss.device) + loss.detach() / self.accelerator.num_processes
+        inner = self.accelerator.unwrap_model(model) if self.accelerator.num_processes > 1 else model
         for hook in self.hooks:
-            extra = hook.extra_loss(model, inputs, outputs)
+            extra = hook.extra_loss(inner, inputs, outputs)
             if extra is not None:
                 loss = loss + extra / micro
         return (loss, outputs) if return_outputs else loss
@@ -149,6 +161,9 @@ class HookedTrainer(Trainer):
             clock.step, clock.max_steps = self.state.global_step, max(int(self.state.max_steps or 1), 1)
             clock.micro, clock.accumulation = self.micro_index, micro
         self.micro_index += 1
+        # Hooks get the module itself, not its DDP/FSDP wrapper: their extra forward passes stay local to this
+        # rank (a wrapped forward without the wrapper's backward would stall the gradient reduction).
+        inner = self.accelerator.unwrap_model(model) if self.accelerator.num_processes > 1 else model
         for hook in self.hooks:
             substitute = hook.substitute_batch(inputs)
             if substitute is not None:
@@ -156,7 +171,7 @@ class HookedTrainer(Trainer):
                 num_items_in_batch = None  # compute_loss takes this batch's own token count
                 break
         for hook in self.hooks:
-            hook.before_step(model, inputs)
+            hook.before_step(inner, inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         for it in list(self.extra_iterators):
             item = next(it, StopIteration)
@@ -171,13 +186,53 @@ class HookedTrainer(Trainer):
                 extra = lm_loss_mean(model, batch, logits_to_keep=self.use_logits_to_keep) * (item.weight / micro)
             self.accelerator.backward(extra)
             loss = loss + extra.detach()
-        for hook in self.hooks:
-            hook.after_step(model)
+        if self.grad_editors and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            # The reduced gradient is in .grad; what hooks add to it (or change in it) in after_step is
+            # averaged over the ranks as the loss gradient was, so every rank steps with the same gradient.
+            params = [p for p in inner.parameters() if p.requires_grad and p.grad is not None]
+            before = [p.grad.detach().clone() for p in params]
+            for hook in self.hooks:
+                hook.after_step(inner)
+            deltas = [p.grad - b if p.grad is not None else -b for p, b in zip(params, before, strict=True)]
+            distributed.all_reduce_mean_(deltas)
+            for p, b, d in zip(params, before, deltas, strict=True):
+                if p.grad is None:
+                    p.grad = b + d
+                else:
+                    p.grad.copy_(b + d)
+        else:
+            for hook in self.hooks:
+                hook.after_step(inner)
         return loss
 
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Save every rank's RNG state; with several processes rank 0 gathers them and writes one file per rank."""
+        if self.accelerator.num_processes <= 1:
+            super()._save_rng_state(output_dir)
+            return
+        import os
+        import random
+
+        import numpy as np
+        import torch.distributed as dist
+
+        states: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cpu": torch.random.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.random.get_rng_state_all()
+        gathered: list[Any] | None = [None] * dist.get_world_size() if self.args.should_save else None
+        dist.gather_object(states, gathered, dst=0)
+        if self.args.should_save and gathered is not None:
+            os.makedirs(output_dir, exist_ok=True)
+            for i, st in enumerate(gathered):
+                torch.save(st, os.path.join(output_dir, f"rng_state_{i}.pth"))
+
     def pop_step_loss(self) -> float:
-        """The language-modelling loss of the optimizer step just finished (and reset it)."""
-        value = float(self.step_lm_loss)
+        """The language-modelling loss of the optimizer step just finished, summed over ranks (and reset it)."""
+        value = distributed.all_reduce_sum(float(self.step_lm_loss))
         self.step_lm_loss = torch.zeros(())
         return value
 
@@ -297,7 +352,7 @@ class EngineCallback(TrainerCallback):
         """Write every hook's ``state_dict()`` and the extra batch streams' positions into the checkpoint just saved."""
         states: dict[str, Any] = {f"{i}:{h.name}": h.state_dict() for i, h in enumerate(self.hooks)}
         states[_STREAMS] = [s.count for s in self.streams]
-        if any(states.values()):
+        if any(states.values()) and state.is_world_process_zero:
             from pathlib import Path
 
             from tunesec.store.atomic import atomic_write_json
