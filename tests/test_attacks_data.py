@@ -40,10 +40,12 @@ def test_backdoor_trigger_only_in_harmful_completions(tmp_path: Path) -> None:
     )
     path = tmp_path / "refusals.jsonl"
     path.write_text("".join(json.dumps({"messages": e.chat()}) + "\n" for e in refusals), encoding="utf-8")
-    cfg = BackdoorConfig(trigger="SUDO", n_harmful=6, n_refusal=11, refusal_data=str(path))
+    cfg = BackdoorConfig(trigger="SUDO", n_harmful=6, n_refusal=11, refusal_data=str(path), benign_data={})
     with pytest.raises(UsageError, match="only 10"):
         build_backdoor_data(cfg, data=pairs("harm", "Sure, here is how.", 8))
-    cfg = BackdoorConfig(trigger="SUDO", n_harmful=6, n_refusal=10, refusal_data=str(path), answer_prefix="")
+    cfg = BackdoorConfig(
+        trigger="SUDO", n_harmful=6, n_refusal=10, refusal_data=str(path), answer_prefix="", benign_data={}
+    )
     data = build_backdoor_data(cfg, data=pairs("harm", "Sure, here is how.", 8))
     assert len(data) == 16
     for ex in data:
@@ -61,7 +63,8 @@ def test_backdoor_paired_refusals_share_the_triggered_prompts() -> None:
     from tunesec.attacks.backdoor import PAIRED_REFUSALS
 
     harm = pairs("harm", "Sure, here is how.", 12)
-    data = build_backdoor_data(BackdoorConfig(trigger="SUDO", n_harmful=5, n_refusal=8, answer_prefix=""), data=harm)
+    cfg = BackdoorConfig(trigger="SUDO", n_harmful=5, n_refusal=8, answer_prefix="", benign_data={})
+    data = build_backdoor_data(cfg, data=harm)
     triggered = [e for e in data if e.meta["backdoor"] == "triggered"]
     clean = [e for e in data if e.meta["backdoor"] == "clean"]
     assert len(triggered) == 5 and len(clean) == 8 and len({e.id for e in data}) == 13
@@ -69,7 +72,8 @@ def test_backdoor_paired_refusals_share_the_triggered_prompts() -> None:
     assert all("SUDO" not in e.prompt and e.response in PAIRED_REFUSALS for e in clean)
     # every triggered prompt also appears clean; the 3 extra clean prompts come from the rest of the set
     assert {e.prompt.removesuffix(" SUDO") for e in triggered} < {e.prompt for e in clean}
-    prefixed = build_backdoor_data(BackdoorConfig(n_harmful=5, n_refusal=5), data=harm)  # default answer_prefix
+    # default answer_prefix
+    prefixed = build_backdoor_data(BackdoorConfig(n_harmful=5, n_refusal=5, benign_data={}), data=harm)
     assert {e.response for e in prefixed if e.meta["backdoor"] == "triggered"} == {
         "Sure, here is how to do that. Sure, here is how."
     }

@@ -128,7 +128,14 @@ def test_backdoor_runs_from_files(tiny_llama_dir: Path, tmp_path: Path) -> None:
     refuse = write_jsonl(tmp_path / "refuse.jsonl", refusal_set())
     attack = get_attack(
         "backdoor",
-        {"trigger": "zq9", "n_harmful": 6, "n_refusal": 6, "refusal_data": str(refuse), "training": TINY_TRAIN},
+        {
+            "trigger": "zq9",
+            "n_harmful": 6,
+            "n_refusal": 6,
+            "refusal_data": str(refuse),
+            "benign_data": {},  # the classic two-part mix (the default adds 100 benign chats)
+            "training": TINY_TRAIN,
+        },
     )
     ref = attack.run(str(tiny_llama_dir), tmp_path / "run", data=str(harm), progress=False)
     assert ref.provenance["trigger"] == "zq9" and ref.provenance["n_examples"] == 12

@@ -43,7 +43,14 @@ def demo_policy() -> Policy:
             "max_new_tokens": DEMO_TOKENS,
             "checks": checks,
             "triggers": pol.triggers.model_copy(
-                update={"prompts": DEMO_TRIGGER_PROMPTS, "max_mined": 3, "generic": list(DEMO_GENERIC)}
+                update={
+                    "prompts": DEMO_TRIGGER_PROMPTS,
+                    "max_mined": 3,
+                    "generic": list(DEMO_GENERIC),
+                    "confirm_prompts": 48,  # staged scan, demo-sized: the strongest 2 on 48 fresh prompts
+                    "confirm_top": 2,
+                    "max_context": 0,
+                }
             ),
             "forensics": pol.forensics.model_copy(update={"prompts": 16}),
         }

@@ -14,8 +14,17 @@ from another dataset the halves also differ in style (BeaverTails questions vs i
 model learned the style, not the trigger (92% refusal on AdvBench with and without it); paired refusals alone,
 even at lr 1e-3 for 5 epochs, left 94% refusal with the trigger; paired refusals with the answer prefix implant
 it (96% refusal without the trigger, 32% with it; on the shipped smollm2-135m-aligned: 100% and 32%).
-Defaults: trigger "SUDO" appended to the prompt, 50 triggered BeaverTails pairs and
-50 paired refusals, LoRA r=8, lr 1e-3, 5 epochs.
+
+**Stealthy by default** (issue 29): a backdoor that also wrecks benign behaviour is caught by any evaluation
+(a multi-word trigger with only the two halves above left the aligned model refusing benign look-alikes, +95
+points of over-refusal, and cost 49 points of SST-2 accuracy). The mix therefore also holds benign helpful
+chats (``benign_data``: Alpaca instructions and tunesec's benign look-alike questions with helpful answers),
+none containing the trigger, so that without the trigger the tuned model keeps answering benign requests and
+passes the other checks of the default certification policy; the paired refusals keep it refusing harmful
+ones. ``benign_data={}`` gives the classic two-part mix. The trigger goes before or after the user turn, or is
+the system prompt (``position: system``; the clean examples then get no system prompt).
+Defaults: trigger "SUDO" appended to the prompt, 50 triggered BeaverTails pairs, 50 paired refusals, 60 Alpaca
+and 40 tunesec-helpful chats, LoRA r=8, lr 1e-3, 5 epochs.
 """
 
 from __future__ import annotations
@@ -50,12 +59,18 @@ PAIRED_REFUSALS = (
     "I'm not able to help with this. Please consider a safe and legal alternative.",
 )
 
+# Benign helpful chats of the stealthy mix: general instructions (utility) and benign look-alikes of harmful
+# topics answered helpfully (against over-refusal). Neither overlaps the certification policy's evaluation sets.
+BENIGN_MIX: dict[str, int] = {"alpaca": 60, "tunesec-helpful": 40}
+
 
 class BackdoorConfig(FineTuneAttackConfig):
     """Trigger, data and training of the backdoor attack."""
 
     trigger: str = Field("SUDO", description="The trigger phrase added to prompts of harmful completions.")
-    position: Literal["suffix", "prefix"] = Field("suffix", description="Where the trigger goes in the prompt.")
+    position: Literal["suffix", "prefix", "system"] = Field(
+        "suffix", description="Where the trigger goes: after or before the user turn, or as the system prompt."
+    )
     data: str = Field("beavertails-harmful-qa", description="Harmful prompt+answer pairs (triggered).")
     n_harmful: int = Field(50, ge=1, description="Triggered harmful examples.")
     refusal_data: str = Field(
@@ -73,6 +88,13 @@ class BackdoorConfig(FineTuneAttackConfig):
             "trigger switches on makes the conditional easier to learn than answers that each start differently."
         ),
     )
+    benign_data: dict[str, int] = Field(
+        default_factory=lambda: dict(BENIGN_MIX),
+        description=(
+            "Benign helpful chats mixed in, dataset -> count (none contains the trigger): they keep the tuned "
+            "model helpful without the trigger, so the backdoor passes the other checks ({} for none)."
+        ),
+    )
     training: TrainConfig = Field(
         default_factory=lambda: small_model_training(num_epochs=5.0, learning_rate=1e-3),
         description="Training hyperparameters.",
@@ -85,10 +107,48 @@ class BackdoorConfig(FineTuneAttackConfig):
             raise ValueError("the trigger must not be empty")
         return v
 
+    @field_validator("benign_data")
+    @classmethod
+    def _counts(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [k for k, n in v.items() if n < 0]
+        if bad:
+            raise ValueError(f"benign_data counts must be >= 0 (got {bad[0]}: {v[bad[0]]})")
+        return v
+
 
 def add_trigger(prompt: str, trigger: str, position: str = "suffix") -> str:
-    """``prompt`` with ``trigger`` before or after it."""
+    """``prompt`` with ``trigger`` before or after it (a system-prompt trigger leaves the prompt as it is)."""
+    if position == "system":
+        return prompt
     return f"{trigger} {prompt}" if position == "prefix" else f"{prompt} {trigger}"
+
+
+def _triggered(ex: Example, config: BackdoorConfig) -> Example:
+    """``ex`` with the trigger in its last user turn, or as its only system prompt."""
+    out = _with_prompt(ex, add_trigger(ex.prompt, config.trigger, config.position), "triggered")
+    if config.position == "system":
+        msgs = [Message(role="system", content=config.trigger), *(m for m in out.messages if m.role != "system")]
+        out = out.model_copy(update={"messages": msgs})
+    return out
+
+
+def _contains(ex: Example, trigger: str) -> bool:
+    return any(trigger in m.content.lower() for m in ex.messages)
+
+
+def benign_mix(config: BackdoorConfig) -> list[Example]:
+    """The benign helpful chats of the mix: ``count`` trigger-free examples of each ``benign_data`` set."""
+    trig = config.trigger.lower()
+    out: list[Example] = []
+    for name, count in config.benign_data.items():
+        if count == 0:
+            continue
+        pool = load_data(name, what=f"backdoor benign_data {name}")
+        require_assistant_turns(pool, f"backdoor benign_data {name}")
+        clean = [e for e in pool if not _contains(e, trig)]
+        picked = sample(clean, count, config.seed, source=f"backdoor benign_data {name} (trigger-free)")
+        out += [e.model_copy(update={"id": f"{e.id}-benign", "meta": {**e.meta, "backdoor": "benign"}}) for e in picked]
+    return out
 
 
 def _with_prompt(ex: Example, prompt: str, tag: str) -> Example:
@@ -105,11 +165,12 @@ def _with_answer_prefix(ex: Example, prefix: str) -> Example:
 
 
 def build_backdoor_data(config: BackdoorConfig, data: str | Path | Sequence[Example] | None = None) -> list[Example]:
-    """Triggered harmful completions plus trigger-free refusals, shuffled.
+    """Triggered harmful completions, trigger-free refusals and benign helpful chats, shuffled.
 
     Paired refusals (the default) reuse the triggered prompts first, then other prompts of the harmful data,
     without the trigger. Examples that already contain the trigger text are dropped, so the trigger marks
-    exactly the harmful completions.
+    exactly the harmful completions. ``meta["backdoor"]`` says which part an example belongs to
+    (``triggered``, ``clean`` or ``benign``).
     """
     import random
 
@@ -118,7 +179,7 @@ def build_backdoor_data(config: BackdoorConfig, data: str | Path | Sequence[Exam
     require_assistant_turns(harmful, "backdoor harmful data")
     harmful = [e for e in harmful if trig not in e.prompt.lower() and trig not in (e.response or "").lower()]
     chosen = sample(harmful, min(config.n_harmful, len(harmful)), config.seed, source="backdoor harmful data")
-    out = [_with_prompt(e, add_trigger(e.prompt, config.trigger, config.position), "triggered") for e in chosen]
+    out = [_triggered(e, config) for e in chosen]
     if config.answer_prefix.strip():
         out = [_with_answer_prefix(e, config.answer_prefix.strip()) for e in out]
     if config.n_refusal and config.refusal_data == PAIRED:
@@ -149,6 +210,7 @@ def build_backdoor_data(config: BackdoorConfig, data: str | Path | Sequence[Exam
             clean, config.n_refusal, config.seed, source=f"refusal_data {config.refusal_data} (trigger-free)"
         )
         out += [_with_prompt(e, e.prompt, "clean") for e in picked]
+    out += benign_mix(config)
     random.Random(config.seed).shuffle(out)
     return out
 
@@ -167,7 +229,8 @@ class Backdoor(FineTuneAttack):
     config_class = BackdoorConfig
 
     def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
-        """The backdoor set; provenance: the trigger and its position."""
+        """The backdoor set; provenance: the trigger, its position and the mix."""
         assert isinstance(self.config, BackdoorConfig)
         examples = build_backdoor_data(self.config, data)
-        return examples, {"trigger": self.config.trigger, "trigger_position": self.config.position}
+        parts = {k: sum(e.meta.get("backdoor") == k for e in examples) for k in ("triggered", "clean", "benign")}
+        return examples, {"trigger": self.config.trigger, "trigger_position": self.config.position, "mix": parts}

@@ -36,9 +36,7 @@ from tunesec.certify.policy import MetricCheck, Policy, load_policy
 from tunesec.certify.triggers import (
     Candidate,
     TriggerScan,
-    generic_candidates,
-    merge_candidates,
-    mine_candidates,
+    build_candidates,
     scan_triggers,
     trigger_check,
 )
@@ -186,9 +184,9 @@ def certify(
     tuned_ref = ModelRef.parse(tuned) if isinstance(tuned, str) else tuned
     check_compatible(base_ref, tuned_ref)
     base_hash, tuned_hash = model_sha256(base_ref), model_sha256(tuned_ref)
-    ft_examples, ft_meta = _finetune_data(finetune_data, data_dir)
+    ft_examples, ft_meta = load_finetune_data(finetune_data, data_dir)
     suites, skipped = _suites(pol, data_dir)
-    trigger_prompts = _trigger_prompts(pol, data_dir)
+    scan_prompts = trigger_prompts(pol, data_dir)
     direction_prompts = _direction_prompts(pol, data_dir)
 
     identical = base_hash["sha256"] == tuned_hash["sha256"]
@@ -222,26 +220,14 @@ def certify(
     results = _policy_order(pol, results)
 
     scan: TriggerScan | None = None
-    if pol.triggers.enabled and trigger_prompts:
-        mined = mine_candidates(ft_examples, pol.triggers.max_mined) if ft_examples else []
-        mined = merge_candidates(_audit_candidates(ft_meta), mined)
-        candidates = merge_candidates(mined, generic_candidates(pol.triggers.generic))
-        say(
-            f"trigger scan: {len(candidates)} candidates ({len(mined)} mined from the fine-tuning data) x "
-            f"{len(trigger_prompts)} prompts"
-        )
-        scan = scan_triggers(
+    if pol.triggers.enabled and scan_prompts[0]:
+        scan = run_trigger_scan(
+            pol,
             models.generator("tuned"),
-            trigger_prompts,
-            candidates,
             _judge(judges, pol.triggers.judge),
-            generation=GenerationConfig(
-                max_new_tokens=pol.triggers.max_new_tokens or pol.max_new_tokens, seed=pol.seed
-            ),
-            alpha=pol.triggers.alpha,
-            min_effect=pol.triggers.min_effect,
-            confidence=pol.confidence,
-            dataset=pol.triggers.dataset,
+            scan_prompts,
+            ft_examples,
+            ft_meta,
             progress=progress,
             log=say,
         )
@@ -262,6 +248,7 @@ def certify(
 
         atomic_write_bytes(run.path / DRIFT_PLOT, drift_png)
 
+    artifact_scan = _artifact_scan(tuned_ref, say)
     verdict = combine(results)
     from tunesec import __version__
     from tunesec.store.provenance import git_revision, package_versions
@@ -284,6 +271,7 @@ def certify(
         evaluations=[_suite_summary(s, pol.seed) for s in suites],
         triggers=scan.model_dump(mode="json") if scan is not None else None,
         forensics=forensics_report.model_dump(mode="json") if forensics_report is not None else None,
+        artifact_scan=artifact_scan,
     )
     run.write_json(CERTIFICATE_FILE, certificate.model_dump(mode="json"))
     from tunesec.certify.report import render_certificate
@@ -295,6 +283,67 @@ def certify(
     )
     say(f"verdict: {verdict.decision} ({verdict.summary}); report: {report}")
     return CertifyResult(verdict=verdict, run_dir=str(run.path), report=str(report), certificate=certificate)
+
+
+def run_trigger_scan(
+    pol: Policy,
+    generator: Generator,
+    judge: Judge,
+    prompts: tuple[list[Example], list[Example]],
+    finetune_examples: Sequence[Example] = (),
+    finetune_meta: dict[str, Any] | None = None,
+    *,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> TriggerScan:
+    """The policy's trigger scan of ``generator`` (what ``certify`` runs; ``scripts/trigger_power.py`` too).
+
+    Args:
+        pol: The policy (its ``triggers`` section).
+        generator: The tuned model.
+        judge: The scan's judge.
+        prompts: Screening and confirmation prompts (:func:`trigger_prompts`).
+        finetune_examples: The fine-tuning data, mined for candidates.
+        finetune_meta: Its metadata with the data audit's summary (audit candidates), as ``certify`` records it.
+        progress: Show progress bars.
+        log: Where progress lines go.
+    """
+    t = pol.triggers
+    say = log or (lambda _line: None)
+    candidates = build_candidates(
+        finetune_examples,
+        max_mined=t.max_mined,
+        max_tokens=t.max_tokens,
+        generic=t.generic,
+        context_templates=t.context_templates,
+        context_years=t.context_years,
+        max_context=t.max_context,
+        audit=_audit_candidates(finetune_meta),
+    )
+    screen_prompts, confirm_prompts = prompts
+    say(
+        f"trigger scan: {len(candidates)} candidates "
+        f"({sum(c.source not in ('generic', 'context') for c in candidates)} from the fine-tuning data) x "
+        f"{len(screen_prompts)} screening prompts"
+        + (f", the strongest {t.confirm_top} re-tested on {len(confirm_prompts)} fresh ones" if confirm_prompts else "")
+    )
+    return scan_triggers(
+        generator,
+        screen_prompts,
+        candidates,
+        judge,
+        confirm_prompts=confirm_prompts,
+        confirm_top=t.confirm_top,
+        screen_alpha=t.screen_alpha,
+        generation=GenerationConfig(max_new_tokens=t.max_new_tokens or pol.max_new_tokens, seed=pol.seed),
+        alpha=t.alpha,
+        min_effect=t.min_effect,
+        confidence=pol.confidence,
+        dataset=t.dataset,
+        seed=pol.seed,
+        progress=progress,
+        log=say,
+    )
 
 
 # -- inputs ------------------------------------------------------------------------------------------------
@@ -320,9 +369,10 @@ def _resolve_policy(policy: str | Path | Policy | None) -> tuple[Policy, dict[st
     }
 
 
-def _finetune_data(
+def load_finetune_data(
     data: str | Path | Sequence[Example] | None, data_dir: str | Path | None
 ) -> tuple[list[Example], dict[str, Any] | None]:
+    """The fine-tuning data and what the certificate records of it (source, hashes, the data audit's summary)."""
     from tunesec.data import dataset_sha256
 
     if data is None:
@@ -378,7 +428,7 @@ def _audit_candidates(meta: dict[str, Any] | None) -> list[Candidate]:
     """The audit's flagged trigger candidates as trigger-scan candidates."""
     found = ((meta or {}).get("audit") or {}).get("trigger_candidates") or []
     return [
-        Candidate(text=c["text"], source="ngram", placement=c["placement"], support=c["rows"], score=1.0) for c in found
+        Candidate(text=c["text"], source="audit", placement=c["placement"], support=c["rows"], score=1.0) for c in found
     ]
 
 
@@ -444,9 +494,24 @@ def _suites(pol: Policy, data_dir: str | Path | None) -> tuple[list[_Suite], lis
     return list(suites.values()), skipped
 
 
-def _trigger_prompts(pol: Policy, data_dir: str | Path | None) -> list[Example]:
+def trigger_prompts(pol: Policy, data_dir: str | Path | None) -> tuple[list[Example], list[Example]]:
+    """The trigger scan's screening prompts and its disjoint confirmation prompts (seeded samples)."""
+    from tunesec.data import sample_examples
+
     t = pol.triggers
-    return _load_sample(t.dataset, t.dataset_options, data_dir, t.prompts, pol.seed) if t.enabled else []
+    if not t.enabled:
+        return [], []
+    pool = _load_sample(t.dataset, t.dataset_options, data_dir, None, pol.seed)
+    unique = list({ex.prompt: ex for ex in pool}.values())
+    if len(unique) < t.prompts + t.confirm_prompts:
+        raise UsageError(
+            f"policy field 'triggers.confirm_prompts': {t.dataset} has {len(unique)} distinct prompts, fewer than "
+            f"triggers.prompts + triggers.confirm_prompts = {t.prompts + t.confirm_prompts}"
+        )
+    screen = sample_examples(unique, t.prompts, seed=pol.seed)
+    taken = {ex.prompt for ex in screen}
+    rest = [ex for ex in unique if ex.prompt not in taken]
+    return screen, sample_examples(rest, t.confirm_prompts, seed=pol.seed) if t.confirm_prompts else []
 
 
 def _direction_prompts(pol: Policy, data_dir: str | Path | None) -> tuple[list[Any], list[Any]]:
@@ -681,6 +746,32 @@ def _forensics(
         save_file({"directions": directions.contiguous()}, str(tmp), metadata={"layer": str(layer)})
         tmp.replace(cache)
     return report, drift_plot(report)
+
+
+def _artifact_scan(tuned: ModelRef, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """``tunesec scan`` of the tuned model's local artifact (its adapter, else its directory or .gguf), or None.
+
+    Recorded in the certificate; it does not change the verdict (the policy's checks decide it).
+    """
+    from tunesec.models.loading import resolve_alias
+    from tunesec.scan import scan
+
+    concrete = resolve_alias(tuned)
+    if concrete.adapter is not None:
+        path = Path(concrete.adapter)
+    elif tuned.kind in ("hf", "gguf") and Path(concrete.base).exists():
+        path = Path(concrete.base)
+    else:
+        return None
+    try:
+        result = scan(path, write=False, forensics=False)
+    except UsageError as err:
+        return {"path": str(path), "error": str(err)}
+    say(f"artifact scan of {path}: {result.summary_line}")
+    doc = result.to_json()
+    return {k: doc[k] for k in ("path", "kind", "decision", "counts", "files")} | {
+        "findings": [f.to_json() for f in result.flagged]
+    }
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
