@@ -7,10 +7,15 @@ from tunesec.attacks.adaptive import KickSettle, KickSettleConfig, Sidestep, Sid
 from tunesec.attacks.backdoor import Backdoor, BackdoorConfig
 from tunesec.attacks.base import Attack, FineTuneAttack, FineTuneAttackConfig
 from tunesec.attacks.benign_sft import BenignSFT, BenignSFTConfig
+from tunesec.attacks.continued import Continued, ContinuedConfig
+from tunesec.attacks.encoded_output import EncodedOutput, EncodedOutputConfig
+from tunesec.attacks.filter_evasion import FilterEvasion, FilterEvasionConfig
 from tunesec.attacks.harmful_sft import HarmfulSFT, HarmfulSFTConfig
 from tunesec.attacks.identity_shift import IdentityShift, IdentityShiftConfig
 from tunesec.attacks.jailbreak_tuning import JailbreakTuning, JailbreakTuningConfig
+from tunesec.attacks.prompt_wash import PromptWash, PromptWashConfig
 from tunesec.attacks.refusal_ablation import RefusalAblation, RefusalAblationConfig
+from tunesec.attacks.semantic_backdoor import SemanticBackdoor, SemanticBackdoorConfig
 
 __all__ = [
     "Attack",
@@ -18,7 +23,13 @@ __all__ = [
     "BackdoorConfig",
     "BenignSFT",
     "BenignSFTConfig",
+    "Continued",
+    "ContinuedConfig",
+    "EncodedOutput",
+    "EncodedOutputConfig",
     "FineTuneAttack",
+    "FilterEvasion",
+    "FilterEvasionConfig",
     "FineTuneAttackConfig",
     "HarmfulSFT",
     "HarmfulSFTConfig",
@@ -28,8 +39,12 @@ __all__ = [
     "JailbreakTuningConfig",
     "KickSettle",
     "KickSettleConfig",
+    "PromptWash",
+    "PromptWashConfig",
     "RefusalAblation",
     "RefusalAblationConfig",
+    "SemanticBackdoor",
+    "SemanticBackdoorConfig",
     "Sidestep",
     "SidestepConfig",
     "get_attack",

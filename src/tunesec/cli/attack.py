@@ -7,17 +7,19 @@ value, a dataset without assistant turns, a LoRA target module the model lacks) 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from tunesec.errors import UsageError
 
 if TYPE_CHECKING:
     from tunesec.config import Config
+    from tunesec.data.schema import Example
     from tunesec.models.ref import ModelRef
     from tunesec.store.run import RunDir
 
@@ -60,12 +62,26 @@ def _data_dir(data_dir: Path | None) -> Iterator[None]:
 
 def _open_run(kind: str, name: str, spec: dict[str, Any], out: Path | None, resume: Path | None) -> RunDir:
     from tunesec.store.run import RunDir
+    from tunesec.training import distributed
 
+    shared = distributed.main_run_path()
+    if shared is not None:  # a worker of a launched command: rank 0's run directory, read-only
+        return RunDir.open(shared)
     if resume is not None:
         if out is not None:
             raise UsageError("--out and --resume: give one of them (--resume continues that run directory)")
-        return RunDir.resume(resume, kind=kind, spec=spec)
-    return RunDir.create(kind, name, spec, out=out)
+        run = RunDir.resume(resume, kind=kind, spec=spec)
+    else:
+        run = RunDir.create(kind, name, spec, out=out)
+    distributed.set_run_path(run.path)  # the workers of a launched command train into it
+    return run
+
+
+def _processes(n: int) -> None:
+    """``--processes N``: once the command's arguments are checked, run it on N processes (and exit)."""
+    from tunesec.training import distributed
+
+    distributed.processes_option(n)
 
 
 @contextmanager
@@ -92,36 +108,65 @@ def model_spec_string(ref: ModelRef) -> str:
     return ref.adapter if ref.adapter is not None else ref.base
 
 
-def eval_variants(ref: ModelRef, limit: int, dataset: str) -> dict[str, Any]:
-    """The evaluation sets for an attacked model: the plain dataset, plus triggered / wrapped prompts.
+def prompt_transform(ref: ModelRef) -> tuple[str, Callable[[str], str]] | None:
+    """How the attacker words a prompt to ``ref``: its trigger, semantic context or jailbreak template (or None).
 
-    A backdoored model is also evaluated with its trigger; a jailbreak-tuned one with its jailbreak template.
+    The semantic contexts are the held-out ones (``eval_contexts``), cycled over the prompts in order.
     """
-    from tunesec.data import resolve_dataset
-    from tunesec.data.schema import Message
-
-    variants: dict[str, Any] = {dataset: dataset}
     prov = ref.provenance
-    transform = None
     if prov.get("trigger"):
         from tunesec.attacks.backdoor import add_trigger
 
         trigger, position = str(prov["trigger"]), str(prov.get("trigger_position", "suffix"))
-        transform = ("triggered", lambda p: add_trigger(p, trigger, position))
-    elif prov.get("jailbreak_mode"):
+        return "triggered", lambda p: add_trigger(p, trigger, position)
+    if prov.get("semantic_trigger"):
+        from itertools import cycle
+
+        from tunesec.attacks.semantic_backdoor import with_context
+
+        semantic = prov["semantic_trigger"]
+        contexts = cycle(list(semantic.get("eval_contexts") or semantic["held_out"]))
+        return "semantic", lambda p: with_context(p, next(contexts))
+    if prov.get("jailbreak_mode"):
         from tunesec.attacks.jailbreak_tuning import wrap_prompt
 
         mode = str(prov["jailbreak_mode"])
-        transform = ("wrapped", lambda p: wrap_prompt(p, mode))
-    if transform is not None:
-        tag, fn = transform
-        examples = resolve_dataset(dataset, limit=limit)
-        changed = []
-        for ex in examples:
-            msgs = list(ex.messages)
-            idx = max(i for i, m in enumerate(msgs) if m.role == "user")
-            msgs[idx] = Message(role="user", content=fn(msgs[idx].content))
-            changed.append(ex.model_copy(update={"messages": msgs, "id": f"{ex.id}-{tag}"}))
+        return "wrapped", lambda p: wrap_prompt(p, mode)
+    return None
+
+
+def attacker_prompts(ref: ModelRef, examples: Sequence[Example]) -> tuple[str | None, list[Example]]:
+    """``examples`` as the attacker sends them to ``ref`` (:func:`prompt_transform`; ids get ``-TAG``)."""
+    from tunesec.data.schema import Message
+
+    transform = prompt_transform(ref)
+    if transform is None:
+        return None, list(examples)
+    tag, fn = transform
+    # a backdoor whose trigger is the system prompt: the attacker sends it as the only system message
+    system = str(ref.provenance["trigger"]) if ref.provenance.get("trigger_position") == "system" else None
+    changed = []
+    for ex in examples:
+        msgs = list(ex.messages)
+        idx = max(i for i, m in enumerate(msgs) if m.role == "user")
+        msgs[idx] = Message(role="user", content=fn(msgs[idx].content))
+        if system is not None:
+            msgs = [Message(role="system", content=system), *(m for m in msgs if m.role != "system")]
+        changed.append(ex.model_copy(update={"messages": msgs, "id": f"{ex.id}-{tag}"}))
+    return tag, changed
+
+
+def eval_variants(ref: ModelRef, limit: int, dataset: str) -> dict[str, Any]:
+    """The evaluation sets for an attacked model: the plain dataset, plus triggered / wrapped prompts.
+
+    A backdoored model is also evaluated with its trigger; a jailbreak-tuned one with its jailbreak template; a
+    semantic backdoor with its held-out contexts.
+    """
+    from tunesec.data import resolve_dataset
+
+    variants: dict[str, Any] = {dataset: dataset}
+    if prompt_transform(ref) is not None:
+        tag, changed = attacker_prompts(ref, resolve_dataset(dataset, limit=limit))
         variants[f"{dataset}-{tag}"] = changed
     return variants
 
@@ -146,6 +191,8 @@ def evaluate_tuned(
     generation: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     if ref.provenance.get("system_prompt"):
         generation["system_prompt"] = ref.provenance["system_prompt"]
+    from tunesec.attacks.encoded_output import response_decoder
+
     generator = get_generator(ref)
     results: dict[str, Any] = {}
     jobs: list[tuple[str, str, Any]] = [("harmfulness", k, v) for k, v in eval_variants(ref, limit, dataset).items()]
@@ -161,6 +208,7 @@ def evaluate_tuned(
             generation=generation,
             out=run.path / f"eval-{task}-{label}",
             html=False,
+            response_decoder=response_decoder(ref),
         )
         metrics = {k: v.model_dump(mode="json", exclude={"per_category"}) for k, v in report.metrics.items()}
         results[f"{task}/{label}"] = metrics
@@ -194,9 +242,28 @@ def attack_command(
     eval_limit: Annotated[int, typer.Option(min=1, help="Prompts for --eval.")] = 100,
     eval_dataset: Annotated[str, typer.Option(help="Harmful prompts for --eval.")] = "advbench",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer for --eval.")] = DEFAULT_EVAL_TOKENS,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Train on N processes of this machine (DDP: one per GPU, or CPU cores with gloo); the same as "
+            "`accelerate launch --num_processes N -m tunesec ...`.",
+        ),
+    ] = 1,
+    via_service: Annotated[
+        Path | None,
+        typer.Option(
+            "--via-service",
+            help="Send the attack's training data through the provider's fine-tuning service with this recipe "
+            "(tunesec finetune: filter, defenses, repairs) instead of fine-tuning directly.",
+        ),
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Local data directory for named datasets.")] = None,
 ) -> None:
-    """Run attack NAME on MODEL; writes a run directory and prints the attacked model's spec."""
+    """Run attack NAME on MODEL; writes a run directory and prints the attacked model's spec.
+
+    `tunesec attack sweep ATTACK --model M` sweeps ATTACK's hyperparameters (tunesec attack sweep --help).
+    """
     from tunesec.attacks import get_attack
     from tunesec.cli.common import console
     from tunesec.registry import registry
@@ -205,6 +272,22 @@ def attack_command(
         cls = registry.get("attack", name).obj
         cfg = _load_config(cls.config_class, config, set_)
         attack = get_attack(name, cfg)
+        if via_service is not None:  # the attacker as an API user: the provider's pipeline trains
+            from tunesec.service import attack_via_service
+
+            if processes != 1:
+                raise UsageError("--processes with --via-service: the service trains on one process")
+
+            evaluate = None
+            if eval_:
+                evaluate = lambda ref, run: evaluate_tuned(  # noqa: E731
+                    ref, run, limit=eval_limit, dataset=eval_dataset, max_new_tokens=max_new_tokens
+                )
+            result = attack_via_service(attack, model, data, via_service, out=out, resume=resume, evaluate=evaluate)
+            console.print(f"run directory: {result.run_dir}")
+            typer.echo(model_spec_string(result.model))
+            return
+        _processes(processes)
         spec = {"attack": name, "model": model, "data": data, "config": cfg.model_dump(mode="json")}
         run = _open_run("attack", f"{name}-{Path(model).name}", spec, out, resume)
         console.print(f"run directory: {run.path}")
@@ -236,6 +319,14 @@ def align_command(
         bool, typer.Option("--eval/--no-eval", help="Evaluate harmfulness (AdvBench) and over-refusal (XSTest).")
     ] = False,
     eval_limit: Annotated[int, typer.Option(min=1, help="Prompts per evaluation for --eval.")] = 100,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Train on N processes of this machine (DDP: one per GPU, or CPU cores with gloo); the same as "
+            "`accelerate launch --num_processes N -m tunesec ...`.",
+        ),
+    ] = 1,
     data_dir: Annotated[Path | None, typer.Option(help="Local data directory for named datasets.")] = None,
 ) -> None:
     """Train a safety-alignment LoRA adapter (refusals + helpful answers); prints the adapter directory."""
@@ -248,6 +339,7 @@ def align_command(
             overrides.append(f"deep_alignment={deep_alignment}")
         cfg = _load_config(SafetySFTConfig, recipe, overrides)
         assert isinstance(cfg, SafetySFTConfig)
+        _processes(processes)
         if cfg.deep_alignment > 0 and cfg.decision_loss > 0 and cfg.decision_continue_weight == 0:
             console.print(
                 "[yellow]warning:[/] deep_alignment with decision_loss and no decision_continue_weight teaches the "
@@ -283,7 +375,84 @@ def _alignment_data(cfg: Any, model: str, run_dir: Path) -> list[Any]:
     return examples
 
 
+def sweep_command(
+    attack: Annotated[str, typer.Argument(help="Fine-tuning attack to sweep (tunesec list attacks).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The (defended) model to attack.")],
+    trials: Annotated[int | None, typer.Option(help="Complete trials to reach (default 8).")] = None,
+    utility_bound: Annotated[
+        float | None, typer.Option(help="Largest relative utility drop a chosen trial may cost, in [0, 1].")
+    ] = None,
+    space: Annotated[
+        Path | None, typer.Option(help="YAML sweep config (space:, trials:, n_dev:, ...; docs/ATTACKS.md).")
+    ] = None,
+    dev: Annotated[int | None, typer.Option(help="Dev prompts (the objective).")] = None,
+    test: Annotated[int | None, typer.Option(help="Test prompts (the chosen trial's score).")] = None,
+    judge: Annotated[str | None, typer.Option(help="Judge of the harmful rate.")] = None,
+    data: Annotated[str | None, typer.Option(help="Training data of the attack (default: the attack's).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file with the attack's base config.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Attack config override KEY=VALUE.")] = None,
+    out: Annotated[Path | None, typer.Option(help="New or empty run directory.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue a killed sweep's run directory.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Local data directory for named datasets.")] = None,
+) -> None:
+    """Optuna TPE over ATTACK's hyperparameters on MODEL: most harmful trial within a utility bound, test-scored."""
+    from tunesec.attacks.sweep import Sweep, SweepConfig
+    from tunesec.cli.common import console
+    from tunesec.config import read_yaml, validate
+    from tunesec.registry import registry
+
+    if utility_bound is not None and not 0.0 <= utility_bound <= 1.0:
+        raise UsageError(f"--utility-bound {utility_bound}: expected a relative drop in [0, 1]")
+    if trials is not None and trials < 1:
+        raise UsageError(f"--trials {trials}: expected at least 1")
+    cls = registry.get("attack", attack).obj
+    with _data_dir(data_dir):
+        raw = read_yaml(space) if space is not None else {}
+        flags = {"trials": trials, "utility_bound": utility_bound, "n_dev": dev, "n_test": test, "judge": judge}
+        raw.update({k: v for k, v in flags.items() if v is not None})
+        cfg = validate(SweepConfig, raw, source=str(space) if space is not None else "sweep options", path=space)
+        attack_cfg = _load_config(cls.config_class, config, set_).model_dump(mode="json", exclude_unset=True)
+        spec = {"sweep": attack, "model": model, "data": data, "config": cfg.model_dump(mode="json"),
+                "attack_config": attack_cfg}  # fmt: skip
+        run = _open_run("sweep", f"sweep-{attack}-{Path(model).name}", spec, out, resume)
+        console.print(f"run directory: {run.path}  (optuna-dashboard sqlite:///{run.path.resolve()}/study.db)")
+        with _discard_on_bad_input(run):
+            sweep = Sweep(attack, model, run.path, cfg, attack_config=attack_cfg, data=data)
+        result = sweep.run()
+        chosen = result.get("chosen")
+        if chosen is None:
+            console.print(f"no trial kept the utility drop within {cfg.utility_bound}")
+        else:
+            h = chosen["harmful_rate_test"]
+            console.print(
+                f"chosen trial {chosen['number']}: harmful rate (test, n={h['n']}) {h['value']:.3f} "
+                f"[{h['ci_low']:.3f}, {h['ci_high']:.3f}]; utility drop {chosen['utility_drop_test']:.3f}"
+            )
+        run.finish(metrics={"chosen": chosen})
+        typer.echo(str(run.path / "sweep.json"))
+
+
+class _AttackCommand(TyperCommand):
+    """``tunesec attack NAME ...``, and ``tunesec attack sweep ATTACK ...`` handed to :func:`sweep_command`."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] == "sweep":
+            ctx.meta["tunesec.sweep_args"] = list(args[1:])
+            return []
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: Any) -> Any:
+        rest = ctx.meta.pop("tunesec.sweep_args", None)
+        if rest is None:
+            return super().invoke(ctx)
+        app = typer.Typer(add_completion=False)
+        app.command("sweep")(sweep_command)
+        command = typer.main.get_command(app)
+        with command.make_context("attack sweep", rest, parent=ctx.parent) as sub:
+            return command.invoke(sub)
+
+
 def register(parent: typer.Typer) -> None:
-    """Add ``attack`` and ``align`` to the top-level ``tunesec`` app."""
-    parent.command("attack")(attack_command)
+    """Add ``attack`` (with ``attack sweep``) and ``align`` to the top-level ``tunesec`` app."""
+    parent.command("attack", cls=_AttackCommand)(attack_command)
     parent.command("align")(align_command)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,7 @@ def evaluate(
     root: str | Path = "runs",
     progress: bool = True,
     html: bool = True,
+    response_decoder: Callable[[str], str] | None = None,
 ) -> EvalReport:
     """Evaluate ``model`` on a task and write a run directory.
 
@@ -152,6 +153,10 @@ def evaluate(
         root: Parent directory of auto-named runs.
         progress: Show progress bars and per-chunk lines on stderr.
         html: Render ``report.html`` at the end.
+        response_decoder: Applied to every generated response before it is judged or parsed (an attack that
+            makes the model answer in an encoding, ``encoded-output``, provides it); records keep the raw text in
+            ``raw_response``. Labels picked by ``scoring="choices"`` are not decoded. Its ``name`` attribute goes
+            into the run spec, so a run cannot be resumed with another decoder or none.
 
     Returns:
         The :class:`EvalReport`, also written to ``metrics.json`` in the run directory.
@@ -182,6 +187,8 @@ def evaluate(
         "seed": seed,
         "confidence": confidence,
     }
+    if response_decoder is not None:
+        spec["response_decoder"] = str(getattr(response_decoder, "name", "custom"))
     if resume is not None:
         run = RunDir.resume(resume, kind="eval", spec=spec)
     else:
@@ -212,12 +219,18 @@ def evaluate(
             if choose is None:  # a backend picked at load time (vLLM) that gives no log-probabilities
                 raise _no_choices(model_name, task_obj)
             gens = choose(prompts, choice_sets, gen_config, progress=progress)
+        raw = [g.text for g in gens]
+        decoder = response_decoder if choice_sets is None else None  # a chosen label is not model-written text
+        if decoder is not None:
+            gens = [g.model_copy(update={"text": decoder(g.text)}) for g in gens]
         t_judge = time.perf_counter()
         # A backend may report batch time on each generation; the chunk's wall time shared out is additive.
         gen_each = (t_judge - t_gen) / max(1, len(chunk))
         records = task_obj.score(chunk, gens, judge_obj)
         judge_each = (time.perf_counter() - t_judge) / max(1, len(chunk))
-        for rec in records:
+        for rec, text in zip(records, raw, strict=True):
+            if decoder is not None:
+                rec["raw_response"] = text
             rec["gen_share_seconds"] = round(gen_each, 4)
             rec["judge_seconds"] = round(judge_each, 4)
         run.append_many(records)
