@@ -37,7 +37,7 @@ BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "metric": ("tunesec.evals",),
     "task": ("tunesec.evals",),
     "attack": ("tunesec.attacks",),
-    "defense": ("tunesec.defenses",),
+    "defense": ("tunesec.defenses", "tunesec.defenses.finetune", "tunesec.defenses.post"),
     "guard": ("tunesec.defenses",),
     "detector": ("tunesec.audit.detectors",),
 }

@@ -157,6 +157,16 @@ CASES: list[Case] = [
          r"n_harmful"),
     Case("attack-set-no-eq", lambda e: ["attack", "harmful-sft", "--model", str(e.tiny), "--set", "n_harmful"],
          r"expected KEY=VALUE"),
+    # scale out (docs/SCALE.md)
+    Case("processes-beyond-machine", lambda e: ["attack", "harmful-sft", "--model", str(e.tiny), "--processes", "4096"],
+         r"--processes 4096: this machine has \d+ (CPU cores|CUDA devices); use at most \d+"),
+    Case("defend-processes-beyond-machine", lambda e: ["defend", "vaccine", "--model", str(e.tiny), "--processes",
+                                                       "4096"], r"--processes 4096: this machine has"),
+    Case("fsdp-without-cuda", lambda e: ["attack", "harmful-sft", "--model", str(e.tiny), "--set", "n_harmful=2",
+                                         "--data", e.jsonl("d.jsonl", CHAT), "--set", "training.fsdp=true"],
+         r"training\.fsdp: FSDP shards over CUDA devices and this machine has none", also=["d.jsonl"]),
+    Case("vllm-without-cuda", lambda e: ["generate", str(e.tiny), "--prompt", "hi", "--backend", "vllm"],
+         r"backend vllm: needs `pip install tunesec\[vllm\]` and a CUDA GPU"),
     Case("attack-recipe-missing", lambda e: ["attack", "harmful-sft", "--model", str(e.tiny), "--recipe", "no.yaml"],
          r"no\.yaml"),
     Case("attack-recipe-malformed", lambda e: ["attack", "harmful-sft", "--model", str(e.tiny), "--recipe",
@@ -302,6 +312,20 @@ CASES: list[Case] = [
          r"--revoke-key kid-nope: no such key id"),
     Case("serve-key-and-model", lambda e: ["serve", str(e.tiny), "--add-key", "a"], r"give no MODEL"),
     Case("serve-upstream-without-url", lambda e: ["serve", "openai:gpt-4o-mini"], r"openai:NAME@http"),
+    # ----------------------------------------------------------------- matrix
+    Case("matrix-unknown-defense", lambda e: ["matrix", "--model", str(e.tiny), "--defenses", "none,vacine", "--attacks", "harmful-sft"],
+         r"unknown defense 'vacine'"),
+    Case("matrix-unknown-attack", lambda e: ["matrix", "--model", str(e.tiny), "--attacks", "harmfull-sft"],
+         r"unknown attack 'harmfull-sft'"),
+    Case("matrix-runtime-stage", lambda e: ["matrix", "--model", str(e.tiny), "--defenses", "lisa", "--attacks", "sidestep"],
+         r"attack 'sidestep' changes the training step .*uploads data only"),
+    Case("matrix-utility-bound", lambda e: ["matrix", "--model", str(e.tiny), "--attacks", "harmful-sft", "--set", "utility_bound=2"],
+         r"utility_bound"),
+    Case("matrix-no-attacks", lambda e: ["matrix", "--model", str(e.tiny)], r"attacks"),
+    Case("matrix-executor", lambda e: ["matrix", "--model", str(e.tiny), "--attacks", "harmful-sft", "--executor", "spark"],
+         r"--executor 'spark': expected local or ray"),
+    Case("matrix-resume-with-options", lambda e: ["matrix", "--resume", _nonempty_dir(e, "m"), "--attacks", "x"],
+         r"--resume continues a matrix with its own config"),
 ]  # fmt: skip
 
 

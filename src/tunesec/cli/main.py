@@ -65,11 +65,15 @@ for _module in (
     "tunesec.cli.evaluate",
     "tunesec.cli.attack",
     "tunesec.cli.defend_cmd",
+    "tunesec.cli.finetune_cmd",
+    "tunesec.cli.repair_cmd",
     "tunesec.cli.certify",
     "tunesec.cli.judge_cmd",
     "tunesec.cli.runs_cmd",
     "tunesec.cli.serve_cmd",
     "tunesec.cli.audit_cmd",
+    "tunesec.cli.scan_cmd",
+    "tunesec.cli.matrix_cmd",
 ):
     _register_optional(_module)
 
@@ -141,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         _quiet_loaded_libraries()
+    from tunesec.training import distributed
+
+    distributed.set_argv(args)
     try:
+        if distributed.is_launched():  # one of several processes (accelerate launch, torchrun, --processes N)
+            distributed.start_command()
+            if not distributed.is_main_process():
+                common.console.quiet = True  # rank 0 reports; the workers only train
         result = app(args=args, prog_name="tunesec", standalone_mode=False)
     except _EXIT as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
@@ -180,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             soft_wrap=True,
         )
         return 1
+    finally:
+        distributed.release_workers(done=True)  # rank 0 ended without training: the workers have nothing to do
     return int(result) if isinstance(result, int) else 0
 
 
