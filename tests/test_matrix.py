@@ -172,6 +172,7 @@ def test_repair_cells_share_the_attack_of_the_undefended_model(setup: dict[str, 
     summary = run_matrix(cfg, out=setup["tmp"] / "m", cache=setup["cache"], progress=False)
     assert summary["done_cells"] == 2 and not summary["failed_cells"]
     assert len(list((setup["cache"] / "attacks").iterdir())) == 1  # one attack run for both cells
+    assert len(list((setup["cache"] / "given").iterdir())) == 1  # the given model measured once for both
     none, merged = summary["cells"]
     assert none["attack_key"] == merged["attack_key"]
     (cell,) = (setup["cache"] / "cells").glob("merge-back--*")

@@ -248,6 +248,11 @@ def defended_dir(cache: Path, d: Defended) -> Path:
     return cache / "defended" / f"{d.defense}-{d.key[:16]}"
 
 
+def given_dir(cache: Path, model: str, cfg: MatrixConfig) -> Path:
+    """Cache directory of the pre-attack evaluations of the model as given (shared by every defense that keeps it)."""
+    return cache / "given" / content_key({"model": model, "evals": _eval_inputs(cfg)})[:16]
+
+
 def attack_dir(cache: Path, a: AttackRun) -> Path:
     """Cache directory of an attack run (the ``tunesec attack`` run directory itself)."""
     return cache / "attacks" / f"{a.attack}--s{a.seed}-{a.key[:16]}"
@@ -369,8 +374,11 @@ def _variant(ref: Any, cfg: MatrixConfig) -> tuple[str, list[Any]] | None:
     return name.rsplit("-", 1)[-1], examples
 
 
-def compute_defended(d: dict[str, Any], cfg_data: dict[str, Any], cache: str) -> dict[str, Any]:
-    """Train (alignment stage) and measure one defended model; returns and stores ``defended.json``."""
+def compute_defended(d: dict[str, Any], cfg_data: dict[str, Any], cache: str, *after: Any) -> dict[str, Any]:
+    """Train (alignment stage) and measure one defended model; returns and stores ``defended.json``.
+
+    ``after``: results of jobs that must finish first (Ray orders the tasks by them); not used otherwise.
+    """
     import tunesec
 
     node, cfg = Defended(**d), MatrixConfig.model_validate(cfg_data)
@@ -389,9 +397,11 @@ def compute_defended(d: dict[str, Any], cfg_data: dict[str, Any], cache: str) ->
         )
         model: Any = ref
         spec = ref.adapter or ref.base
-    else:
+        measured = root
+    else:  # the model as given: measured once for `none` and every fine-tuning or post-fine-tuning defense
         model = spec = node.model
-    result = {**asdict(node), "model_spec": spec, "metrics": _measure(model, root, cfg, model), "seconds": 0.0}
+        measured = given_dir(Path(cache), node.model, cfg)
+    result = {**asdict(node), "model_spec": spec, "metrics": _measure(model, measured, cfg, model), "seconds": 0.0}
     result["seconds"] = round(time.time() - started, 1)
     atomic_write_json(root / DEFENDED_FILE, result)
     return result

@@ -215,7 +215,13 @@ def _run_ray(m: _MatrixRun, address: str | None, progress: bool) -> None:
     defend_task = ray.remote(**retry)(compute_defended)  # type: ignore[call-overload]
     attack_task = ray.remote(**retry)(compute_attack)  # type: ignore[call-overload]
     cell_task = ray.remote(**retry)(compute_cell)  # type: ignore[call-overload]
-    defended = {d.key: defend_task.remote(asdict(d), m.cfg_data, str(m.cache)) for d in m.plan.defended}
+    defended: dict[str, Any] = {}
+    given: Any = None  # the defenses that keep the given model share its evaluations: one task after another
+    for d in m.plan.defended:
+        after = [given] if d.stage != "alignment" and given is not None else []
+        defended[d.key] = defend_task.remote(asdict(d), m.cfg_data, str(m.cache), *after)
+        if d.stage != "alignment":
+            given = defended[d.key]
     attacked = {a.key: attack_task.remote(asdict(a), defended[a.defended_key], str(m.cache)) for a in m.plan.attacks}
     cells = {
         cell_task.remote(asdict(c), defended[c.defended_key], attacked[c.attack_key], m.cfg_data, str(m.cache)): c
