@@ -140,6 +140,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def as_config(cls: type[C], config: Config | dict[str, Any] | None, what: str) -> C:
+    """``config`` as a ``cls``: the defaults for None, a validated mapping, or the instance itself.
+
+    ``what`` names the component in errors (``attack harmful-sft``, ``defense lisa``), as every component class's
+    constructor reports them.
+    """
+    if config is None:
+        return cls()
+    if isinstance(config, dict):
+        return validate(cls, config, source=f"{what} config")
+    if not isinstance(config, cls):
+        raise UsageError(f"{what}: config must be a {cls.__name__}")
+    return config
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides (values parsed as YAML scalars/lists) to a nested dict copy."""
     out: dict[str, Any] = _deepcopy(data)

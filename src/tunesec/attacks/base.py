@@ -67,15 +67,9 @@ class Attack(ABC):
 
     def __init__(self, config: Config | dict[str, Any] | None = None) -> None:
         """Build the attack with a config (a config instance, a mapping of fields, or the defaults)."""
-        if config is None:
-            config = self.config_class()
-        elif isinstance(config, dict):
-            from tunesec.config import validate
+        from tunesec.config import as_config
 
-            config = validate(self.config_class, config, source=f"attack {self.name} config")
-        elif not isinstance(config, self.config_class):
-            raise UsageError(f"attack {self.name}: config must be a {self.config_class.__name__}")
-        self.config = config
+        self.config = as_config(self.config_class, config, f"attack {self.name}")
 
     @abstractmethod
     def run(

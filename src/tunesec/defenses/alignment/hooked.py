@@ -18,7 +18,6 @@ from tunesec.config import Config
 from tunesec.data.schema import Example
 from tunesec.defenses.alignment.safety_sft import SafetySFTConfig
 from tunesec.defenses.base import HarmfulDataConfig, defense_harmful_data, shipped_alignment_config
-from tunesec.errors import UsageError
 from tunesec.models.ref import ModelRef
 from tunesec.training.hooks import TrainingHook
 
@@ -48,15 +47,9 @@ class HookedAlignment:
 
     def __init__(self, config: Config | dict[str, Any] | None = None) -> None:
         """Build the defense with a config (instance, mapping of fields, or the defaults)."""
-        if config is None:
-            config = self.config_class()
-        elif isinstance(config, dict):
-            from tunesec.config import validate
+        from tunesec.config import as_config
 
-            config = validate(self.config_class, config, source=f"defense {self.name} config")
-        elif not isinstance(config, self.config_class):
-            raise UsageError(f"defense {self.name}: config must be a {self.config_class.__name__}")
-        self.config = config
+        self.config = as_config(self.config_class, config, f"defense {self.name}")
         self._harmful: tuple[list[Example], dict[str, Any]] | None = None
 
     def hooks(self, harmful: Sequence[Example], data: Sequence[Example]) -> list[TrainingHook]:

@@ -133,15 +133,9 @@ class FineTuneDefense:
 
     def __init__(self, config: Config | dict[str, Any] | None = None) -> None:
         """Build the defense with a config (an instance, a mapping of fields, or the defaults)."""
-        if config is None:
-            config = self.config_class()
-        elif isinstance(config, dict):
-            from tunesec.config import validate
+        from tunesec.config import as_config
 
-            config = validate(self.config_class, config, source=f"defense {self.name} config")
-        elif not isinstance(config, self.config_class):
-            raise UsageError(f"defense {self.name}: config must be a {self.config_class.__name__}")
-        self.config = config
+        self.config = as_config(self.config_class, config, f"defense {self.name}")
 
     def filter_data(self, examples: Sequence[Example], ctx: ServiceContext) -> tuple[list[Example], dict[str, Any]]:
         """The user's rows to keep, and provenance (default: all of them)."""

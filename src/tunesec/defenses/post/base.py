@@ -191,15 +191,9 @@ class PostRepair:
 
     def __init__(self, config: Config | dict[str, Any] | None = None) -> None:
         """Build the repair with a config (instance, mapping of fields, or the defaults)."""
-        from tunesec.config import validate
+        from tunesec.config import as_config
 
-        if config is None:
-            config = self.config_class()
-        elif isinstance(config, dict):
-            config = validate(self.config_class, config, source=f"repair {self.name} config")
-        elif not isinstance(config, self.config_class):
-            raise UsageError(f"repair {self.name}: config must be a {self.config_class.__name__}")
-        self.config = config
+        self.config = as_config(self.config_class, config, f"repair {self.name}")
 
     def needs_base(self) -> bool:
         """Whether this repair (with this config) needs the base model the aligned model was aligned from."""
