@@ -293,3 +293,19 @@ def test_declared_pairs_send_adaptive_attacks_only_to_their_targets(setup: dict[
         ("none", "sidestep"),
         ("vaccine", "sidestep"),
     }
+
+
+def test_a_backdoored_model_is_asked_the_same_sampled_prompts_with_its_trigger(setup: dict[str, Any]) -> None:
+    from tunesec.data import sample_examples
+    from tunesec.evals.runner import load_eval_dataset
+    from tunesec.matrix.cells import _variant
+    from tunesec.matrix.config import MatrixConfig
+    from tunesec.models.ref import ModelRef
+
+    cfg = MatrixConfig.model_validate({**setup["config"], "harmful": {"dataset": setup["config"]["harmful"]["dataset"],
+                                                                       "limit": 3}})  # fmt: skip
+    plain = list(sample_examples(load_eval_dataset(cfg.harmful.dataset), 3, seed=0))
+    assert _variant(ModelRef(base="m"), cfg) is None
+    tag, asked = _variant(ModelRef(base="m", provenance={"trigger": "SUDO", "trigger_position": "suffix"}), cfg)
+    assert tag == "triggered" and [e.id for e in asked] == [f"{e.id}-triggered" for e in plain]
+    assert [e.messages[-1].content for e in asked] == [f"{e.messages[-1].content} SUDO" for e in plain]

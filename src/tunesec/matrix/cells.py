@@ -360,18 +360,22 @@ def _decoder(ref: Any) -> Any:
 
 
 def _variant(ref: Any, cfg: MatrixConfig) -> tuple[str, list[Any]] | None:
-    """The harmful prompts as the attacker would send them to ``ref`` (None: as they are)."""
-    from tunesec.cli.attack import eval_variants
+    """The harmful prompts as the attacker would send them to ``ref`` (None: as they are).
+
+    The same prompts as the plain evaluation (the same seeded sample when ``limit`` is set), reworded.
+    """
+    from tunesec.cli.attack import attacker_prompts
+    from tunesec.data import sample_examples
+    from tunesec.evals.runner import load_eval_dataset
     from tunesec.models.ref import ModelRef
 
     if not isinstance(ref, ModelRef):
         return None
-    variants = eval_variants(ref, cfg.harmful.limit or 10**9, cfg.harmful.dataset)
-    changed = [(name, v) for name, v in variants.items() if not isinstance(v, str)]
-    if not changed:
-        return None
-    name, examples = changed[0]
-    return name.rsplit("-", 1)[-1], examples
+    examples = load_eval_dataset(cfg.harmful.dataset)
+    if cfg.harmful.limit is not None and cfg.harmful.limit < len(examples):
+        examples = list(sample_examples(examples, cfg.harmful.limit, seed=0))
+    tag, changed = attacker_prompts(ref, examples)
+    return None if tag is None else (tag, changed)
 
 
 def compute_defended(d: dict[str, Any], cfg_data: dict[str, Any], cache: str, *after: Any) -> dict[str, Any]:
