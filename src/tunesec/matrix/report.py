@@ -156,7 +156,7 @@ def heatmap_png(cfg: MatrixConfig, rows: list[dict[str, Any]]) -> bytes:
         for j, a in enumerate(attacks):
             if (d, a) in index:
                 grid[i, j] = 100 * index[(d, a)]["harmful"]["value"]
-    fig = Figure(figsize=(1.4 + 1.1 * len(attacks), 1.0 + 0.55 * len(cfg.defenses)))
+    fig = Figure(figsize=(max(5.5, 1.4 + 1.1 * len(attacks)), 1.4 + 0.55 * len(cfg.defenses)))
     ax = fig.add_subplot(1, 1, 1)
     cmap = matplotlib.colormaps["Reds"].with_extremes(bad="#dddddd")
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
@@ -177,7 +177,9 @@ def heatmap_png(cfg: MatrixConfig, rows: list[dict[str, Any]]) -> bytes:
     ax.set_xticks(range(len(attacks)), [f"{a}{' *' if adaptive.get(a) else ''}" for a in attacks], rotation=30,
                   ha="right", fontsize=8)  # fmt: skip
     ax.set_yticks(range(len(cfg.defenses)), cfg.defenses, fontsize=8)
-    ax.set_title("harmful rate % after attack [95% CI]; * adaptive; hatched: utility drop > bound", fontsize=8)
+    ax.set_title(
+        "harmful rate % after attack [95% CI]\n* adaptive attack; hatched: utility drop beyond the bound", fontsize=8
+    )
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     buf = io.BytesIO()
