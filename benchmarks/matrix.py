@@ -59,8 +59,9 @@ def main() -> None:
             raise SystemExit(f"cell failed: {summary['failed_cells']}")
         cell_path = next((cache / "cells").glob(f"*/{CELL_FILE}")).parent
         cell = json.loads((cell_path / CELL_FILE).read_text())
+        attack_run = next((cache / "attacks").glob("*/run.json")).parent
         parts = {
-            "attack": _seconds(cell_path / "attack"),
+            "attack": _seconds(attack_run),
             "harmful eval": _seconds(cell_path / "eval-harmful"),
             "utility eval": _seconds(cell_path / "eval-utility"),
         }
@@ -69,7 +70,7 @@ def main() -> None:
         "| part | seconds |",
         "|---|---|",
         *(f"| {k} | {v:.0f} |" for k, v in parts.items()),
-        f"| **cell** (cached defended model) | **{cell['seconds']:.0f}** |",
+        f"| **cell** (attack + evaluations; cached defended model) | **{parts['attack'] + cell['seconds']:.0f}** |",
         f"| defended model's own measurement (once per defense) | {defended:.0f} |",
         f"| whole command | {total:.0f} |",
     ]
