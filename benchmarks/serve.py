@@ -62,11 +62,13 @@ async def clients_run(url: str, key: str, model: str, texts: list[str], args: ar
     import httpx
     import openai
 
-    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=args.clients), timeout=600)
+    # A request may wait behind every other client's (the single mode: 200 x a few seconds), so the client
+    # timeout is well above that; the run is bounded by --duration and the drain of what is in flight.
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=args.clients), timeout=3600)
     client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, http_client=http)
     next_i = 0
     lat: list[float] = []
-    out = {"ok": 0, "tokens": 0, "r429": 0, "errors": 0, "error_kinds": {}}
+    out = {"ok": 0, "tokens": 0, "r429": 0, "errors": 0, "error_kinds": {}, "blocked": 0}
     deadline = time.perf_counter() + args.duration
 
     async def one_client() -> None:
@@ -83,6 +85,7 @@ async def clients_run(url: str, key: str, model: str, texts: list[str], args: ar
                 lat.append(time.perf_counter() - t0)
                 out["ok"] += 1
                 out["tokens"] += r.usage.completion_tokens if r.usage else 0
+                out["blocked"] += r.choices[0].finish_reason == "content_filter"
             except openai.RateLimitError:
                 out["r429"] += 1
             except Exception as err:
@@ -181,14 +184,14 @@ def main() -> None:
         r = results[mode]
         print(f"{mode}: {r['ok']} ok in {r['seconds']:.1f} s, {r['ok'] / r['seconds']:.2f} req/s", flush=True)
 
-    head = "| mode | ok | 429 | errors | req/s | tokens/s | p50 s | p99 s | mean batch | audit lines (unique) |"
-    rows = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    head = "| mode | ok | blocked | 429 | errors | req/s | tokens/s | p50 s | p99 s | mean batch | audit lines (uniq) |"
+    rows = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
         audit = f"{r['audit_lines']} ({r['audit_unique']})" if "audit_lines" in r else "-"
         errs = f"{r['errors']} {r.get('error_kinds') or ''}".strip()
         batch = f"{r['mean_batch']:.2f}" if "mean_batch" in r else "-"
         rows.append(
-            f"| {mode} | {r['ok']} | {r['r429']} | {errs} | {r['ok'] / r['seconds']:.2f} | "
+            f"| {mode} | {r['ok']} | {r.get('blocked', 0)} | {r['r429']} | {errs} | {r['ok'] / r['seconds']:.2f} | "
             f"{r['tokens'] / r['seconds']:.1f} | {percentile(r['lat'], 0.5):.2f} | {percentile(r['lat'], 0.99):.2f} | "
             f"{batch} | {audit} |"
         )

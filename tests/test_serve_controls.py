@@ -28,7 +28,7 @@ from serve_helpers import (
     serving,
 )
 from tunesec.cli.main import main
-from tunesec.serve.audit import AuditLog, repair_tail
+from tunesec.serve.audit import AuditLog, repair_tail, text_hash
 from tunesec.serve.auth import KeyStore, hash_key
 
 pytestmark = pytest.mark.timeout(300)
@@ -62,6 +62,9 @@ def test_output_guard_blocks_answers_and_cuts_streams(tmp_path: Path) -> None:
         assert ok.choices[0].message.content == "A kind answer about the sea."
         blocked = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "evil"}])
         assert blocked.choices[0].message.content == "REFUSED." and blocked.choices[0].finish_reason == "content_filter"
+        usage = blocked.usage  # whole, as OpenAI sends it: clients add these up
+        assert usage is not None and isinstance(usage.prompt_tokens, int) and isinstance(usage.completion_tokens, int)
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
         text, finish = _stream_text(c, messages=[{"role": "user", "content": "evil"}])
         assert "BAD" not in text and text.endswith("REFUSED.") and finish == "content_filter"
         assert text.startswith("Here is some harmles")  # the window before the harmful text was released
@@ -70,6 +73,20 @@ def test_output_guard_blocks_answers_and_cuts_streams(tmp_path: Path) -> None:
     lines = audit_lines(cfg.audit.path)
     assert [ln["reason"] for ln in lines] == [None, "output_guard", "output_guard", None]
     assert [ln["decision"] for ln in lines] == ["allowed", "blocked", "blocked", "allowed"]
+    # what the guard withheld is hashed (not written: raw_text is off); allowed answers have no such field
+    assert lines[1]["withheld_sha256"] == text_hash(harmful) and "withheld" not in lines[1]
+    assert "withheld_sha256" not in lines[0] and "BAD" not in cfg.audit.path.read_text()
+
+
+def test_raw_text_audit_keeps_what_the_output_guard_withheld(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, "guards: {refusal: 'REFUSED.'}\naudit: {path: audit.jsonl, raw_text: true}\n")
+    _, key = KeyStore(cfg.auth.keys_file).add("k")
+    state = make_state(cfg, ScriptedBackend(lambda m: "BAD steps"), output_judge=WordJudge("BAD"))
+    with serving(state) as url:
+        out = _client(url, key).chat.completions.create(model="m", messages=MSG)
+        assert out.choices[0].message.content == "REFUSED."
+    line = audit_lines(cfg.audit.path)[-1]
+    assert (line["answer"], line["withheld"]) == ("REFUSED.", "BAD steps")
 
 
 def test_input_guard_blocks_before_the_backend(tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ class _Trace:
     scores: dict[str, float | None] = field(default_factory=dict)
     prompt: str | None = None
     answer: str | None = None
+    withheld: str | None = None  # the model's answer an output guard blocked (never a secret leak)
     tokens: dict[str, int] = field(default_factory=dict)
 
     def block(self, reason: str) -> None:
@@ -236,6 +237,7 @@ async def _answer_ok(state: ServeState, trace: _Trace, text: str) -> bool:
         trace.scores["output"] = decision.score
         if not decision.allowed:
             trace.block(decision.reason or "output_guard")
+            trace.withheld = text
             return False
     return True
 
@@ -252,7 +254,8 @@ def _refusal(state: ServeState, req: ChatRequest, trace: _Trace) -> Response:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
-    return JSONResponse(completion_body(trace.rid, state.served_name, text, "content_filter", {}))
+    # usage: what the model consumed and generated (nothing when a guard stopped the request before it)
+    return JSONResponse(completion_body(trace.rid, state.served_name, text, "content_filter", trace.tokens))
 
 
 def _sse(obj: dict[str, Any]) -> str:
@@ -328,8 +331,12 @@ def _finish(state: ServeState, trace: _Trace) -> None:
         "answer_sha256": text_hash(trace.answer) if trace.answer is not None else None,
         **trace.tokens,
     }
+    if trace.withheld is not None:
+        record["withheld_sha256"] = text_hash(trace.withheld)
     if state.config.audit.raw_text:
         record["prompt"], record["answer"] = trace.prompt, trace.answer
+        if trace.withheld is not None:
+            record["withheld"] = trace.withheld
     state.audit.write(record)
     blocked = trace.reason if trace.decision == "blocked" or trace.status in (401, 429, 413) else None
     state.metrics.observe(trace.status, seconds, blocked)
