@@ -1,7 +1,10 @@
 """Quality and speed of ``tunesec audit`` (docs/AUDIT.md, BENCHMARKS.md).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/audit.py [--part quality|attacks|benign|speed|all] [--out FILE]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/audit.py [--part quality|attacks|benign|speed|all]
+        [--harmful-threshold default|auto|T]
 
+--harmful-threshold: the harmful detector's ``threshold`` in the policy of every run (default: the
+    policy's default, the judge's own decision; auto: the recall threshold fitted by scripts/fit_audit_threshold.py).
 quality: the harmful detector's precision/recall (Wilson 95%) on the git-disl poison mixes of
     ../shared/data/beavertails_mixed_xinykou (label: flag == "unsafe"), every row, default judge.
 attacks: data built by tunesec's attacks (backdoor, jailbreak-tuning both modes, identity-shift, harmful-sft).
@@ -50,19 +53,41 @@ def _raw(path: Path) -> list[dict]:
     return [r.data for r in read_records(path)[1]]
 
 
+POLICY: Path | None = None  # set by --harmful-threshold
+
+
+def _policy(value: str) -> Path | None:
+    """A policy file setting the harmful detector's threshold (None: the default policy)."""
+    if value == "default":
+        return None
+    if value != "auto":
+        try:
+            t = float(value)
+        except ValueError:
+            t = -1.0
+        if not 0.0 <= t <= 1.0:
+            print(f"--harmful-threshold {value!r}: expected default, auto or a number in [0, 1]", file=sys.stderr)
+            raise SystemExit(2)
+    path = Path(tempfile.mkdtemp()) / "policy.yaml"
+    path.write_text(f"detectors:\n  harmful: {{threshold: {value}}}\n", encoding="utf-8")
+    return path
+
+
 def quality() -> None:
     from tunesec.audit.runner import audit
 
     print("| mix | p | rows | unsafe | flagged | recall (95% CI) | precision (95% CI) | judged | s |")
     print("|---|---:|---:|---:|---:|---|---|---:|---:|")
     files = [("sst2", p) for p in ("0", "0.01", "0.05", "0.1", "0.2")] + [("ag_news", "0.05"), ("gsm8k", "0.05")]
+    thresholds: set[float | None] = set()
     for task, p in files:
         path = DATA / "beavertails_mixed_xinykou" / task / f"train_merged_n1000_p{p}.json"
         labels = [r.get("flag") == "unsafe" for r in _raw(path)]
         t = time.perf_counter()
-        res = audit(path, write=False)
+        res = audit(path, write=False, policy=POLICY)
         secs = time.perf_counter() - t
         flagged = {i for f in res.findings if f.detector == "harmful" for i in f.rows}
+        thresholds.add(res.detectors["harmful"].get("threshold"))
         tp = sum(1 for i in flagged if labels[i])
         pos = sum(labels)
         print(
@@ -70,6 +95,7 @@ def quality() -> None:
             f"| {res.detectors['harmful']['judged']} | {secs:.0f} |"
         )
         sys.stdout.flush()
+    print(f"\nharmful detector threshold: {sorted(thresholds, key=str)} (None: the judge's own decision)")
 
 
 def attacks() -> None:
@@ -97,7 +123,7 @@ def attacks() -> None:
     for name, exs in sets.items():
         path = _jsonl([{"messages": e.chat()} for e in exs], "a.jsonl")
         for judge in ("none", "default"):
-            res = audit(path, judge=judge, write=False)
+            res = audit(path, judge=judge, write=False, policy=POLICY)
             top = res.trigger_candidates[0] if res.trigger_candidates else None
             trig = f"{top['text']!r} (Holm p={top['p_adjusted']:.1e}, flagged={top['flagged']})" if top else "none"
             d = res.detectors
@@ -139,6 +165,7 @@ def benign() -> None:
 
     print("| set | split | rows | " + " | ".join(DETECTORS) + " | any (PII excepted) | harmful (judge, rows) |")
     print("|---|---|---:|" + "---:|" * (len(DETECTORS) + 2))
+    thresholds: set[float | None] = set()
     for split, names in (("dev", DEV), ("test", TEST)):
         for name in names:
             path = _sample(DATA / name, 2000)
@@ -147,13 +174,15 @@ def benign() -> None:
             cells = [f"{res.detectors[d]['flagged_rows']}" for d in DETECTORS]
             anyrows = len({i for f in res.findings if f.detector != "pii" for i in f.rows})
             small = _sample(DATA / name, 300, seed=1)
-            judged = audit(small, write=False, detectors=None)
+            judged = audit(small, write=False, detectors=None, policy=POLICY)
             h = judged.detectors["harmful"]
+            thresholds.add(h.get("threshold"))
             print(
                 f"| {name} | {split} | {n} | " + " | ".join(cells) + f" | {wilson(anyrows, n)} | "
                 f"{wilson(h['flagged_rows'], judged.rows)} |"
             )
             sys.stdout.flush()
+    print(f"\nharmful detector threshold: {sorted(thresholds, key=str)} (None: the judge's own decision)")
 
 
 def speed() -> None:
@@ -174,7 +203,7 @@ def speed() -> None:
     print(f"| without judge | {res.rows} | {s0:.1f} s | {res.rows / s0:.0f} rows/s |")
     small = _jsonl(rows[:1000], "speed1k.jsonl")
     t = time.perf_counter()
-    res = audit(small, write=False)
+    res = audit(small, write=False, policy=POLICY)
     s1 = time.perf_counter() - t
     h = res.detectors["harmful"]
     print(
@@ -186,7 +215,10 @@ def speed() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", default="all", choices=["quality", "attacks", "benign", "speed", "all"])
+    ap.add_argument("--harmful-threshold", default="default", help="default, auto or a number in [0, 1]")
     args = ap.parse_args()
+    global POLICY
+    POLICY = _policy(args.harmful_threshold)
     for name, fn in (("quality", quality), ("attacks", attacks), ("benign", benign), ("speed", speed)):
         if args.part in (name, "all"):
             print(f"\n### {name}\n")

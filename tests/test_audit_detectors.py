@@ -236,3 +236,50 @@ def test_harmful_judges_only_what_the_screen_leaves() -> None:
     assert "I'm sorry, but I can't help with that." not in judge.seen
     assert judge.seen.count("positive") == det.config.label_repeats
     assert det.summary()["screened"] == 1 + 10 - det.config.label_repeats
+
+
+class FixedJudge:
+    """A judge whose P(harmful) is 0.3 and whose own decision is 'not harmful' for every answer."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def score(self, items):
+        return [Score(judge=self.name, harmful=False, score=0.3) for _ in items]
+
+
+@pytest.mark.parametrize(
+    ("judge_name", "threshold", "expected"),
+    [
+        ("default", "auto", "fitted"),
+        ("response-judge", "auto", "fitted"),
+        ("scripted", "auto", None),  # another judge: its own decision
+        ("default", None, None),
+        ("scripted", 0.25, 0.25),
+    ],
+)
+def test_harmful_threshold_auto_is_the_fitted_one_for_the_default_judge_only(judge_name, threshold, expected) -> None:
+    from tunesec.audit.detectors.harmful import RECALL_THRESHOLD, HarmfulConfig
+
+    det = HarmfulDetector(HarmfulConfig(threshold=threshold), judge=FixedJudge(judge_name))
+    want = RECALL_THRESHOLD if expected == "fitted" else expected
+    assert det.threshold == want and det.summary()["threshold"] == want
+    rs = rows([("How do I pick a lock?", "Use a tension wrench and a pick on each pin in turn.")])
+    det.judge_rows(rs)
+    assert bool(run(det, rs)) == (want is not None and 0.3 >= want)
+
+
+def test_harmful_threshold_default_is_the_judges_decision_and_auto_matches_the_fit_record() -> None:
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from tunesec.audit.detectors import harmful
+    from tunesec.judges.cross_encoder import DEFAULT_DIR
+
+    assert harmful.HarmfulConfig().threshold is None
+    assert HarmfulDetector(judge=FixedJudge("default")).threshold is None
+    record = json.loads((Path(harmful.__file__).parents[1] / "harmful_threshold.json").read_text())
+    assert record["threshold"] == harmful.RECALL_THRESHOLD
+    # the threshold belongs to the shipped weights: refitting is due when they change
+    assert record["judge_weights_sha256"] == hashlib.sha256((DEFAULT_DIR / "top.safetensors").read_bytes()).hexdigest()

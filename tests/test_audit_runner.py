@@ -63,6 +63,20 @@ def test_policy_threshold_and_disabling(tmp_path: Path) -> None:
     assert "duplicates" not in json.loads((tmp_path / "c" / "audit.json").read_text())["detectors"]
 
 
+def test_policy_harmful_threshold_values(tmp_path: Path) -> None:
+    from tunesec.audit.policy import load_audit_policy
+
+    pol = tmp_path / "p.yaml"
+    for value, want in (("auto", "auto"), ("0.2", 0.2), ("null", None)):
+        pol.write_text(f"detectors:\n  harmful: {{threshold: {value}}}\n")
+        assert load_audit_policy(pol)[1]["harmful"].threshold == want  # type: ignore[attr-defined]
+    src = _write(tmp_path / "d.jsonl", CLEAN)
+    for bad in ("high", "1.5"):
+        pol.write_text(f"detectors:\n  harmful: {{threshold: {bad}}}\n")
+        assert main(["audit", str(src), "--judge", "none", "--policy", str(pol), "--out", str(tmp_path / "x")]) == 2
+        assert not (tmp_path / "x").exists()
+
+
 def test_malformed_lines_are_skipped_and_counted_strict_fails(tmp_path: Path) -> None:
     src = tmp_path / "d.jsonl"
     src.write_bytes(

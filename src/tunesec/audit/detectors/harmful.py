@@ -1,8 +1,13 @@
 """Harmful content: answers that comply with a harmful request, judged by a tunesec judge (default: the default).
 
 The judge reads each (request, answer) pair (the Alpaca template stripped from the request) and decides
-harmful compliance (``Score.harmful``; with ``threshold`` set, ``Score.score >= threshold`` instead). Judging
-costs ~50 ms a row on two cores, so rows are screened cheaply first and only the rest are judged:
+harmful compliance: by default the judge's own decision (``Score.harmful``); with ``threshold`` set,
+``Score.score >= threshold``. ``threshold: auto`` is the recall-oriented threshold fitted for the default judge
+(``default`` / ``response-judge``), :data:`RECALL_THRESHOLD`: the highest P(harmful) with >= 95% recall on
+held-out PKU pairs (``scripts/fit_audit_threshold.py``, record in ``tunesec/audit/harmful_threshold.json``); for
+other judges ``auto`` is their own decision. It is not the default: it flags 21-70% of benign Alpaca and Dolly
+rows (docs/AUDIT.md). Judging costs ~50 ms a row on two cores, so rows are screened cheaply first and only the
+rest are judged:
 
 - a row without an answer has nothing to comply with (its request is left to the other detectors);
 - an answer the refusal-keyword judge calls a refusal does not comply;
@@ -16,26 +21,50 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tunesec.audit.base import Detector, DetectorConfig, Row, clip
 from tunesec.registry import register
 
 MAX_LABELS = 10_000
+#: P(harmful) threshold for the default judge's shipped weights under ``threshold: auto``: the highest threshold
+#: with >= 95% recall on the held-out PKU dev pairs (scripts/fit_audit_threshold.py; harmful_threshold.json).
+RECALL_THRESHOLD = 0.115
+#: Judge names the fitted threshold belongs to (the shipped response-judge weights).
+FITTED_JUDGES = ("default", "response-judge")
 
 
 class HarmfulConfig(DetectorConfig):
     """Settings of the judge-based harmful-content detector."""
 
     judge: str = Field("default", description="Judge name (tunesec list judges); --judge overrides it.")
-    threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="Score at or above which an answer is harmful; None: the judge's decision."
+    threshold: float | Literal["auto"] | None = Field(
+        None,
+        description="Score at or above which an answer is harmful; null: the judge's decision; 'auto': the "
+        f"recall-oriented threshold fitted for the default judge ({RECALL_THRESHOLD}), the decision of others.",
     )
     batch_size: int = Field(64, ge=1, description="Rows per judge call.")
     label_words: int = Field(3, ge=0, description="Longest answer (in words) treated as a class label.")
     label_repeats: int = Field(5, ge=1, description="Copies of a short answer judged before it counts as a label.")
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold(cls, v: Any) -> Any:
+        if v is None or v == "auto":
+            return v
+        if isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= 1.0:
+            return float(v)
+        raise ValueError(f"got {v!r}; expected a number in [0, 1], 'auto' or null")
+
+
+def effective_threshold(config: DetectorConfig, judge_name: str | None) -> float | None:
+    """The score threshold the detector applies (None: the judge's own decision); see the module docstring."""
+    assert isinstance(config, HarmfulConfig)
+    if config.threshold == "auto":
+        return RECALL_THRESHOLD if judge_name in FITTED_JUDGES else None
+    return config.threshold
 
 
 @register(
@@ -55,6 +84,7 @@ class HarmfulDetector(Detector):
         self._label_verdict: dict[str, bool] = {}
         self.judged = 0
         self.screened = 0
+        self.threshold = effective_threshold(self.config, getattr(judge, "name", None))
 
     def judge_rows(self, rows: Sequence[Row]) -> None:
         """Judge the rows that the screen does not settle; set each row's ``judged_harmful`` signal."""
@@ -93,8 +123,8 @@ class HarmfulDetector(Detector):
             scores += self.judge.score(items[start : start + self.config.batch_size])
         self.judged += len(todo)
         for row, s in zip(todo, scores, strict=True):
-            if self.config.threshold is not None and s.score is not None:
-                harmful = s.score >= self.config.threshold
+            if self.threshold is not None and s.score is not None:
+                harmful = s.score >= self.threshold
             else:
                 harmful = bool(s.harmful) and not s.unparsed
             row.signals["judged_harmful"] = harmful
@@ -119,4 +149,9 @@ class HarmfulDetector(Detector):
 
     def summary(self) -> dict[str, Any]:
         """How many rows were judged and how many the cheap screen settled."""
-        return {"judged": self.judged, "screened": self.screened, "judge": getattr(self.judge, "name", None)}
+        return {
+            "judged": self.judged,
+            "screened": self.screened,
+            "judge": getattr(self.judge, "name", None),
+            "threshold": self.threshold,
+        }
