@@ -11,11 +11,15 @@ run with 3 training seeds; after each run:
 
 The plan is fixed before any result is seen. Every step is a tunesec command whose run directory is skipped when
 finished and resumed when started, so a killed plan continues where it stopped. The service's own training is the
-recipe default (one epoch of the user's rows, LoRA continued from the aligned adapter, lr 5e-4).
+recipe default (one epoch of the user's rows, LoRA continued from the aligned adapter, lr 5e-4). A repair is
+applied with ``tunesec repair`` to the undefended run of the same setting and seed (the service's repair stage
+does the same after training the same model, so retraining it per repair would only cost time); its cost column
+is the repair's own time.
 
 Usage:
     python scripts/finetune_table.py --plan                # print every command, run nothing
     python scripts/finetune_table.py [--root runs/finetune] [--controls lisa salora ...] [--seeds 0 1 2]
+                                     [--settings sst2-p0.1 ...]
     python scripts/finetune_table.py --table               # the markdown table from finished runs
 """
 
@@ -65,10 +69,13 @@ class Plan:
         self.root, self.dry, self.n = root, dry, 0
         self.log = root / "plan.log"
 
-    def step(self, run: Path, args: list[str]) -> None:
-        """Run ``args`` into ``run`` unless finished; resume it when it was started."""
+    def step(self, run: Path, args: list[str], resumable: bool = True) -> None:
+        """Run ``args`` into ``run`` unless finished; resume it when it was started (or, for a command that
+        cannot resume, move the unfinished directory aside and start again)."""
         if finished(run):
             return
+        if run.exists() and not resumable and not self.dry:
+            run.rename(run.with_name(f"{run.name}.unfinished-{int(time.time())}"))
         args = [*args, "--resume" if run.exists() else "--out", str(run)]
         self.n += 1
         if self.dry:
@@ -105,18 +112,32 @@ def final_spec(run: Path) -> str:
     return str(ref.get("adapter") or ref["base"])
 
 
-def run_plan(root: Path, controls: list[str], seeds: list[int], dry: bool) -> int:
+def run_plan(root: Path, controls: list[str], seeds: list[int], dry: bool, settings: list[str]) -> int:
     plan = Plan(root, dry)
     if not dry:
         root.mkdir(parents=True, exist_ok=True)
     base = root / "aligned"
     plan.step(base / "eval-harm", [TUNESEC, "eval", MODEL, *HARM, "--max-new-tokens", TOKENS])
     for task, args in FA.items():
-        plan.step(base / f"eval-fa-{task}", [TUNESEC, "eval", MODEL, *args, "--max-new-tokens", "256"])
+        if any(t == task and n in settings for n, t, _ in SETTINGS):
+            plan.step(base / f"eval-fa-{task}", [TUNESEC, "eval", MODEL, *args, "--max-new-tokens", "256"])
     for name, task, data in SETTINGS:
-        for control in controls:
+        if name not in settings:
+            continue
+        # undefended first: the repairs start from its model
+        for control in sorted(controls, key=lambda c: (c != "none", c in REPAIRS)):
             for seed in seeds:
                 cell = root / name / control / f"seed{seed}"
+                if control in REPAIRS:
+                    plain = root / name / "none" / f"seed{seed}" / "finetune"
+                    tuned = "TUNED" if dry and not finished(plain) else final_spec(plain)
+                    repair = [TUNESEC, "repair", control, "--tuned", tuned, "--aligned", MODEL]
+                    plan.step(cell / "finetune", repair, resumable=False)
+                    spec = "MODEL" if dry and not finished(cell / "finetune") else final_spec(cell / "finetune")
+                    plan.step(cell / "eval-harm", [TUNESEC, "eval", spec, *HARM, "--max-new-tokens", TOKENS])
+                    if task in FA:
+                        plan.step(cell / "eval-fa", [TUNESEC, "eval", spec, *FA[task], "--max-new-tokens", "256"])
+                    continue
                 rec = recipe(root, control, seed, dry)
                 if data is None:
                     args = [TUNESEC, "attack", "harmful-sft", "--model", MODEL, "--via-service", str(rec)]
@@ -131,21 +152,29 @@ def run_plan(root: Path, controls: list[str], seeds: list[int], dry: bool) -> in
 
 
 def metric(run: Path, key: str) -> float | None:
+    m = metric_value(run, key)
+    return None if m is None else float(m["value"])
+
+
+def metric_value(run: Path, key: str) -> dict | None:
     path = run / "metrics.json"
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
     m = data.get("metrics", data).get(key)
-    return None if m is None else float(m["value"])
+    return None if m is None else dict(m)
 
 
-def summary(values: list[float]) -> str:
-    """Mean over seeds with a 95% t-interval (and the number of seeds); 'not run' when none finished."""
+def summary(values: list[float], one: dict | None = None) -> str:
+    """Mean over seeds with a 95% t-interval (and the number of seeds); with one seed, that run's own 95%
+    interval over examples (``one``: its metric); 'not run' when none finished."""
     if not values:
         return "not run"
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return f"{100 * mean:.1f} (n=1)"
+        if one is not None and one.get("ci_low") is not None:
+            return f"{100 * mean:.1f} [{100 * one['ci_low']:.1f}, {100 * one['ci_high']:.1f}] (1 seed)"
+        return f"{100 * mean:.1f} (1 seed)"
     from scipy.stats import t as student_t
 
     t = float(student_t.ppf(0.975, len(values) - 1))  # 4.30 at 3 seeds
@@ -153,13 +182,23 @@ def summary(values: list[float]) -> str:
     return f"{100 * mean:.1f} [{100 * max(mean - half, 0):.1f}, {100 * min(mean + half, 1):.1f}] (n={len(values)})"
 
 
-def table(root: Path, controls: list[str], seeds: list[int]) -> str:
+def table(root: Path, controls: list[str], seeds: list[int], settings: list[str]) -> str:
     """Harmful rate and FA per setting and control, and the cost relative to no control."""
     rows = [
         "| setting | control | harmful rate % | FA % | train s (relative) |",
         "|---|---|---|---|---|",
     ]
+    base = root / "aligned"
+    harm0 = metric(base / "eval-harm", "harmful_rate")
+    fa0 = {t: metric(base / f"eval-fa-{t}", "accuracy") for t in FA}
+    fa0_text = ", ".join(f"{t} {100 * v:.1f}" for t, v in fa0.items() if v is not None) or "not run"
+    one0 = metric_value(base / "eval-harm", "harmful_rate")
+    rows.append(
+        f"| before fine-tuning | {MODEL} | {summary([harm0] if harm0 is not None else [], one0)} | {fa0_text} | |"
+    )
     for name, task, _ in SETTINGS:
+        if name not in settings:
+            continue
         plain: float | None = None
         for control in ["none", *controls]:
             cells = [root / name / control / f"seed{s}" for s in seeds]
@@ -167,17 +206,23 @@ def table(root: Path, controls: list[str], seeds: list[int]) -> str:
             fa = [v for c in cells if (v := metric(c / "eval-fa", "accuracy")) is not None]
             secs = []
             for c in cells:
-                stages = json.loads((c / "finetune" / "run.json").read_text()).get("stages", []) if finished(
-                    c / "finetune"
-                ) else []  # fmt: skip
-                secs.append(sum(float(s.get("seconds") or 0) for s in stages))
+                if not finished(c / "finetune"):
+                    continue
+                spec = json.loads((c / "finetune" / "run.json").read_text())
+                if control in REPAIRS:  # the repair's own time
+                    secs.append(float(spec["model"]["provenance"]["seconds"]["total"]))
+                else:
+                    secs.append(sum(float(s.get("seconds") or 0) for s in spec.get("stages", [])))
             secs = [s for s in secs if s]
             mean_s = statistics.fmean(secs) if secs else None
             if control == "none":
                 plain = mean_s
             rel = f" ({mean_s / plain:.2f}x)" if mean_s and plain else ""
             cost = f"{mean_s:.0f}{rel}" if mean_s else "not run"
-            rows.append(f"| {name} | {control} | {summary(harm)} | {summary(fa) if task in FA else 'n/a'} | {cost} |")
+            one_h = metric_value(cells[0] / "eval-harm", "harmful_rate") if len(harm) == 1 else None
+            one_f = metric_value(cells[0] / "eval-fa", "accuracy") if len(fa) == 1 else None
+            fa_text = summary(fa, one_f) if task in FA else "n/a"
+            rows.append(f"| {name} | {control} | {summary(harm, one_h)} | {fa_text} | {cost} |")
     return "\n".join(rows)
 
 
@@ -188,14 +233,18 @@ def main() -> None:
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument("--plan", action="store_true", help="print the commands that are still to run, run nothing")
     p.add_argument("--table", action="store_true", help="print the table of finished runs and exit")
+    p.add_argument("--settings", nargs="*", default=[n for n, _, _ in SETTINGS], help="settings to run (default all)")
     args = p.parse_args()
+    bad = sorted(set(args.settings) - {n for n, _, _ in SETTINGS})
+    if bad:
+        sys.exit(f"--settings: unknown setting {bad[0]!r}; expected some of {', '.join(n for n, _, _ in SETTINGS)}")
     unknown = sorted(set(args.controls) - {*DEFENSES, *REPAIRS})
     if unknown:
         sys.exit(f"--controls: unknown control {unknown[0]!r}; expected some of {', '.join(DEFENSES + REPAIRS)}")
     if args.table:
-        print(table(args.root, args.controls, args.seeds))
+        print(table(args.root, args.controls, args.seeds, args.settings))
         return
-    n = run_plan(args.root, ["none", *args.controls], args.seeds, dry=args.plan)
+    n = run_plan(args.root, ["none", *args.controls], args.seeds, dry=args.plan, settings=args.settings)
     if args.plan:
         print(f"# {n} commands to run")
 
