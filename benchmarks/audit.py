@@ -14,7 +14,7 @@ benign: share of rows flagged per detector on benign sets. DEV sets (looked at w
     alpaca_data_safety_only, alpaca_200; cheap detectors on 2,000 seeded rows each (all if fewer), the judge on
     300 seeded rows each.
 speed: rows/s on a 10,000-row set (gsm8k train + seeded alpaca safety-only/1k rows) without the judge; with the
-    judge on its first 1,000 rows.
+    judge on its first --judge-rows rows (default 1,000; 10000 for the whole set).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def benign() -> None:
     print(f"\nharmful detector threshold: {sorted(thresholds, key=str)} (None: the judge's own decision)")
 
 
-def speed() -> None:
+def speed(judge_rows: int = 1000) -> None:
     from tunesec.audit.runner import audit
 
     rows = _raw(DATA / "gsm8k/train.jsonl")
@@ -201,13 +201,13 @@ def speed() -> None:
     res = audit(path, judge="none", write=False)
     s0 = time.perf_counter() - t
     print(f"| without judge | {res.rows} | {s0:.1f} s | {res.rows / s0:.0f} rows/s |")
-    small = _jsonl(rows[:1000], "speed1k.jsonl")
+    small = _jsonl(rows[:judge_rows], f"speed{judge_rows}.jsonl")
     t = time.perf_counter()
     res = audit(small, write=False, policy=POLICY)
     s1 = time.perf_counter() - t
     h = res.detectors["harmful"]
     print(
-        f"| with judge (first 1,000 rows) | {res.rows} | {s1:.1f} s | {res.rows / s1:.1f} rows/s "
+        f"| with judge (first {judge_rows:,} rows) | {res.rows} | {s1:.1f} s | {res.rows / s1:.1f} rows/s "
         f"({h['judged']} judged, {h['screened']} screened) |"
     )
 
@@ -216,10 +216,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", default="all", choices=["quality", "attacks", "benign", "speed", "all"])
     ap.add_argument("--harmful-threshold", default="default", help="default, auto or a number in [0, 1]")
+    ap.add_argument("--judge-rows", type=int, default=1000, help="speed: rows audited with the judge (10000: all)")
     args = ap.parse_args()
     global POLICY
     POLICY = _policy(args.harmful_threshold)
-    for name, fn in (("quality", quality), ("attacks", attacks), ("benign", benign), ("speed", speed)):
+    parts = {"quality": quality, "attacks": attacks, "benign": benign, "speed": lambda: speed(args.judge_rows)}
+    for name, fn in parts.items():
         if args.part in (name, "all"):
             print(f"\n### {name}\n")
             fn()
