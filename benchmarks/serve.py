@@ -27,6 +27,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -102,9 +104,7 @@ async def clients_run(url: str, key: str, model: str, texts: list[str], args: ar
 
 
 def served(engine: Any, texts: list[str], args: argparse.Namespace, max_batch: int, guard: bool) -> dict[str, Any]:
-    import uvicorn
 
-    from tunesec.serve.app import create_app
     from tunesec.serve.auth import KeyStore
     from tunesec.serve.batching import BatchingBackend
     from tunesec.serve.config import load_serve_config
@@ -122,19 +122,10 @@ def served(engine: Any, texts: list[str], args: argparse.Namespace, max_batch: i
         _, key = KeyStore(cfg.auth.keys_file).add("bench")  # type: ignore[arg-type]
         backend = BatchingBackend(engine, max_batch, args.max_wait_ms, "bench")
         state = build_state("bench", cfg, "127.0.0.1", backend=backend)
-        sock_port = _free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(state), host="127.0.0.1", port=sock_port, log_level="warning", lifespan="off")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
         try:
-            res = asyncio.run(clients_run(f"http://127.0.0.1:{sock_port}/v1", key, "bench", texts, args))
+            with running(state) as sock_port:
+                res = asyncio.run(clients_run(f"http://127.0.0.1:{sock_port}/v1", key, "bench", texts, args))
         finally:
-            server.should_exit = True
-            thread.join(60)
             asyncio.run(backend.close())
             state.audit.close()
         lines = [json.loads(x) for x in cfg.audit.path.read_text(encoding="utf-8").splitlines()]  # type: ignore[union-attr]
@@ -142,6 +133,28 @@ def served(engine: Any, texts: list[str], args: argparse.Namespace, max_batch: i
         res["audit_unique"] = len({ln["id"] for ln in lines})
         res["mean_batch"] = statistics.mean(backend.batches) if backend.batches else 0.0
         return res
+
+
+@contextmanager
+def running(state: Any) -> Iterator[int]:
+    """Serve ``state`` (a ``ServeState``) with uvicorn in a thread on a free loopback port; yields the port."""
+    import uvicorn
+
+    from tunesec.serve.app import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 def _free_port() -> int:

@@ -23,23 +23,18 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import running  # noqa: E402  (the loopback server of benchmarks/serve.py)
+
 SETS = [("harmfulness", "advbench", {}), ("harmfulness", "jbb-harmful", {}),
         ("over-refusal", "xstest", {"subset": "safe"}), ("over-refusal", "jbb-benign", {})]  # fmt: skip
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _withheld(audit: Path) -> dict[str, list[str]]:
@@ -127,8 +122,6 @@ def main() -> int:
                 fh.write(table)
         return 0
 
-    import uvicorn
-
     from tunesec import evaluate
     from tunesec.evals.metrics import wilson_interval
     from tunesec.evals.runner import EvalReport
@@ -136,7 +129,6 @@ def main() -> int:
     from tunesec.judges.base import JudgeInput
     from tunesec.models.endpoint import OpenAIChatGenerator
     from tunesec.models.ref import ModelRef
-    from tunesec.serve.app import create_app
     from tunesec.serve.auth import KeyStore
     from tunesec.serve.config import load_serve_config
     from tunesec.serve.server import build_state
@@ -159,14 +151,8 @@ def main() -> int:
     _, key = KeyStore(cfg.auth.keys_file).add("serve-guard")  # type: ignore[arg-type]
     t_load = time.perf_counter()
     state = build_state(args.model, cfg, "127.0.0.1")
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    stack = ExitStack()  # the server runs until the finally below
+    port = stack.enter_context(running(state))
     print(f"served {args.model} as 'attacked' on port {port} (loaded in {time.perf_counter() - t_load:.0f} s)")
     os.environ["SERVE_GUARD_KEY"] = key
     ref = ModelRef.parse(f"openai:attacked@http://127.0.0.1:{port}/v1")
@@ -206,8 +192,7 @@ def main() -> int:
                          "headline": rep.headline.value if rep.headline else None})  # fmt: skip
             print(_fmt(rows[-1], wilson_interval))
     finally:
-        server.should_exit = True
-        thread.join(60)
+        stack.close()
         state.audit.close()
     table = _table(rows, args, wilson_interval)
     print(table)
