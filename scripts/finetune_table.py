@@ -93,13 +93,12 @@ class Plan:
 
 
 def recipe(root: Path, control: str, seed: int, dry: bool) -> Path:
-    """The service recipe of one control and seed (written once, next to the runs)."""
+    """The service recipe of no control or one fine-tuning-stage defense, and a seed (written once, next to the
+    runs; repairs run through ``tunesec repair``)."""
     path = root / "recipes" / f"{control}-seed{seed}.yaml"
     lines = [f"training: {{seed: {seed}}}"]
     if control in DEFENSES:
         lines.append(f"defense: [{control}]")
-    elif control in REPAIRS:
-        lines.append(f"repair: [{control}]")
     if not dry and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
