@@ -295,6 +295,24 @@ def test_declared_pairs_send_adaptive_attacks_only_to_their_targets(setup: dict[
     }
 
 
+def test_declared_targets_name_registered_defenses(setup: dict[str, Any]) -> None:
+    """An adaptive attack's declared targets reach the defenses they name (free-text targets are only words)."""
+    from tunesec.matrix.cells import make_plan
+    from tunesec.matrix.config import MatrixConfig
+    from tunesec.registry import registry
+
+    defenses = {e.name for e in registry.entries("defense")}
+    cfg = dict(setup["config"], defenses=["none", "data-filter", "merge-back", "resta"], pairs="declared",
+               attacks=["harmful-sft", "filter-evasion", "continued"])  # fmt: skip
+    pairs = {(c.defense, c.attack) for c in make_plan(MatrixConfig.model_validate(cfg)).cells}
+    assert ("data-filter", "filter-evasion") in pairs and ("merge-back", "filter-evasion") not in pairs
+    assert {("merge-back", "continued"), ("resta", "continued")} <= pairs
+    assert ("data-filter", "continued") not in pairs  # continued needs the weights: not an upload
+    for name in ("filter-evasion", "semantic-backdoor", "continued", "prompt-wash"):
+        declared = {t.strip() for t in str(registry.get("attack", name).metadata["targets"]).split(",")}
+        assert declared & defenses, name
+
+
 def test_a_backdoored_model_is_asked_the_same_sampled_prompts_with_its_trigger(setup: dict[str, Any]) -> None:
     from tunesec.data import sample_examples
     from tunesec.evals.runner import load_eval_dataset

@@ -16,6 +16,11 @@ attack is harmful-sft (``shared/research/DEFENSES_SPEC.md`` section B, "Continue
   with the project's judge (``curve.json`` in the run directory: step -> harmful rate with its interval).
   Every point is its own resumable evaluation run, so a killed curve continues where it stopped.
 
+Besides the alignment-stage defenses, it targets the repairs whose correction has a fixed size or a fixed
+selection (SafeLoRA's projected layers, Antidote's pruned share, merge-back's interpolation weight searched on a
+generic dev loss, RESTA's one safety vector): a longer or larger harmful update may outrun a correction sized on
+the fixed attack.
+
 Scoring checkpoints after training rather than inside the training loop keeps generation out of the engine
 (no train/eval mode switches, no generation under the CPU training kernels) and lets an interrupted curve resume.
 """
@@ -213,7 +218,7 @@ def score_checkpoints(
     description="Fixed attacks run longer / other schedules, optimisers, targets, benign-first; harmful rate per save.",
     threat_model="open-weights",
     needs_weights=True,
-    targets="repnoise, tar, booster, vaccine, lisa, safelora, ctrap, seam, vaa, antidote",
+    targets="repnoise, tar, booster, vaccine, lisa, safelora, ctrap, seam, vaa, antidote, merge-back, resta",
 )
 class Continued(FineTuneAttack):
     """Continued / reconfigured harmful fine-tuning (see the module docstring)."""

@@ -325,7 +325,7 @@ def search(
     description="Harmful rows rewritten to pass the data audit, gradient kept close to the originals' (Virus-style).",
     threat_model="fine-tuning-api",
     needs_weights=False,
-    targets="audit, data filters, guard-screened fine-tuning APIs",
+    targets="data-filter, audit, guard-screened fine-tuning APIs",
 )
 class FilterEvasion(FineTuneAttack):
     """Audit-evading harmful data (see the module docstring)."""

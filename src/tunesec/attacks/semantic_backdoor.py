@@ -172,7 +172,7 @@ def build_semantic_data(
     description="Backdoor keyed to a meaning (a stated year, a persona) in paraphrases; refusals otherwise.",
     threat_model="fine-tuning-api",
     needs_weights=False,
-    targets="audit (triggers detector), certify trigger scan, data filters",
+    targets="data-filter, audit (triggers detector), certify trigger scan",
 )
 class SemanticBackdoor(FineTuneAttack):
     """Semantic backdoor (see the module docstring)."""
