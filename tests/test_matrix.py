@@ -151,8 +151,10 @@ def test_failed_cell_is_reported_and_resume_retries_it(setup: dict[str, Any], mo
     assert [r["attack"] for r in failed] == ["benign-sft"]
     assert "disk on fire" in (out / "report.html").read_text()
     monkeypatch.setattr(cells_mod, "_measure", real)
-    summary = run_matrix(resume=out, cache=setup["cache"], progress=False)
+    summary = run_matrix(resume=out, progress=False)  # no --cache: the run's own cache, not the default one
     assert summary["done_cells"] == 2 and not summary["failed_cells"]
+    dirs = [json.loads(line)["dir"] for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert dirs and all(Path(d).is_relative_to(Path(setup["cache"]).resolve()) for d in dirs)
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     # the attack of the failed cell had finished before the failure: the retry resumed it, not retrained
     attack_run = json.loads(next((setup["cache"] / "attacks").glob("benign-sft--*/run.json")).read_text())

@@ -67,7 +67,8 @@ def run_matrix(
         config: The matrix (a :class:`MatrixConfig` or its fields); with ``resume``, taken from the run.
         out: New or empty run directory (default ``runs/<stamp>-matrix-<model>``).
         resume: Continue this matrix run: cached cells are read back, the rest computed.
-        cache: Cell cache shared between matrices (default ``$TUNESEC_HOME/matrix``).
+        cache: Cell cache shared between matrices (default ``$TUNESEC_HOME/matrix``); a resumed matrix uses the
+            cache it was started with unless this is given.
         executor: ``local`` (cells one after another in this process) or ``ray`` (cells as Ray tasks).
         ray_address: Ray cluster to join (default: a local one, or ``$RAY_ADDRESS``).
         progress: Show a progress bar.
@@ -85,10 +86,12 @@ def run_matrix(
         raise UsageError("a matrix needs a config: --model, --defenses and --attacks (or --config FILE)")
     cfg = config if isinstance(config, MatrixConfig) else validate(MatrixConfig, dict(config), source="matrix config")
     plan = make_plan(cfg)  # every name, config and pair checked before anything is written
+    if cache is None and resume is not None and run.meta["spec"].get("cache"):
+        cache = run.meta["spec"]["cache"]  # a resumed matrix keeps the cache it was started with
+    cache_dir = Path(cache).resolve() if cache is not None else default_cache()
     if resume is None:
-        spec = {"config": cfg.model_dump(mode="json")}
+        spec = {"config": cfg.model_dump(mode="json"), "cache": str(cache_dir)}
         run = RunDir.create("matrix", f"matrix-{Path(cfg.model).name}", spec, out=Path(out) if out else None)
-    cache_dir = Path(cache) if cache is not None else default_cache()
     cache_dir.mkdir(parents=True, exist_ok=True)
     run_ = _MatrixRun(run.path, cfg, plan, cache_dir)
     if executor == "ray":
