@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from test_training_fixtures import chat
 from tunesec.attacks.encoded_output import Codec
 from tunesec.attacks.filter_evasion import (
@@ -33,7 +35,7 @@ def test_rewrites_pass_the_detectors_that_flagged_the_originals(tmp_path: Path, 
     assert all("affirmative" in f for f in before)  # the audit flags every original row
     cfg = FilterEvasionConfig(n_candidates=6, search_steps=2, detectors=DETECTORS, judge="none")
     matcher = GradientMatcher(load_model(str(tiny_llama_dir)), grad_layers=1, max_seq_len=128)
-    chosen, log = search(originals, matcher.gradients, lambda rows: audit_flags(rows, DETECTORS, "none"), cfg)
+    chosen, log = search(originals, matcher.cosines, lambda rows: audit_flags(rows, DETECTORS, "none"), cfg)
     assert all(c is not None for c in chosen) and all(e["passed"] for e in log)
     assert audit_flags([c for c in chosen if c is not None], DETECTORS, "none") == [{}, {}, {}]
     # the logged cosine is the chosen row's gradient cosine to its original, the best among passing candidates
@@ -41,6 +43,11 @@ def test_rewrites_pass_the_detectors_that_flagged_the_originals(tmp_path: Path, 
     got = matcher.gradients([c for c in chosen if c is not None])
     for i, e in enumerate(log):
         assert abs(cosine(got[i], ref[i]) - e["cosine"]) < 1e-3
+    # streamed cosines (one gradient held at a time, rows in any order of their originals) = the held ones
+    rows, index = [chosen[2], originals[1], chosen[0], chosen[2]], [2, 1, 0, 0]
+    held = [cosine(g, ref[i]) for g, i in zip(matcher.gradients(rows), index, strict=True)]
+    streamed = matcher.cosines(originals, rows, index)
+    assert streamed == pytest.approx(held, abs=1e-9) and abs(streamed[1] - 1.0) < 1e-9
 
 
 def test_search_picks_the_passing_rewrite_of_highest_cosine_and_undoes_euphemisms_only_while_passing() -> None:
@@ -66,7 +73,11 @@ def test_search_picks_the_passing_rewrite_of_highest_cosine_and_undoes_euphemism
     def flags(rows: Any) -> list:  # flagged while it says "bomb" or opens with "Sure"
         return [{"x": 1.0} if "bomb" in text(r) or (r.response or "").startswith("Sure") else {} for r in rows]
 
-    chosen, log = search(originals, grads, flags, cfg)
+    def cosines(origs: Any, rows: Any, index: Any) -> list:
+        ref = grads(origs)
+        return [cosine(g, ref[i]) for g, i in zip(grads(rows), index, strict=True)]
+
+    chosen, log = search(originals, cosines, flags, cfg)
     rows = [apply(originals[0], rw, codec) for rw in candidates(8, random.Random(3), True)]
     passing = [c for c, f in zip(grads(rows), flags(rows), strict=True) if not f]
     best_first = max(cosine(g, grads(originals)[0]) for g in passing)

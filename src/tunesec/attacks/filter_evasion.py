@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,7 +226,27 @@ class GradientMatcher:
             p.requires_grad_(True)
 
     def gradients(self, examples: Sequence[Example]) -> list[Any]:
-        """Each example's flattened unit-norm gradient of its answer's mean token loss."""
+        """Each example's flattened unit-norm gradient of its answer's mean token loss (all held: for a few rows)."""
+        return list(self._stream(examples))
+
+    def cosines(self, originals: Sequence[Example], rows: Sequence[Example], index: Sequence[int]) -> list[float]:
+        """Each row's gradient cosine to the gradient of ``originals[index[j]]``.
+
+        One reference gradient and one row gradient are held at a time (a gradient of the last two layers of
+        SmolLM2-135M is 7M values; holding every candidate's, as a first version did, took 24 GB for 400 rows):
+        rows are taken grouped by their original, whose gradient is computed once per call.
+        """
+        out = [0.0] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for j, i in enumerate(index):
+            groups.setdefault(i, []).append(j)
+        for i, js in groups.items():
+            (ref,) = self._stream([originals[i]])
+            for j, g in zip(js, self._stream([rows[j] for j in js]), strict=True):
+                out[j] = cosine(g, ref)
+        return out
+
+    def _stream(self, examples: Sequence[Example]) -> Iterator[Any]:
         import torch
 
         from tunesec.training.collate import collate_packed, encode_dataset, features
@@ -235,13 +255,11 @@ class GradientMatcher:
         unique = [ex.model_copy(update={"id": f"r{i}"}) for i, ex in enumerate(examples)]  # ids may repeat
         encoded = encode_dataset(unique, self.tokenizer, self.render, self.max_seq_len, what="rewrites")
         device = self.params[0].device
-        out = []
         for enc in encoded:
             batch = {k: v.to(device) for k, v in collate_packed(features([enc])).items()}
             grads = torch.autograd.grad(lm_loss_mean(self.model, batch), self.params)
             flat = torch.cat([g.flatten().double() for g in grads])
-            out.append(flat / (flat.norm() + 1e-12))
-        return out
+            yield flat / (flat.norm() + 1e-12)
 
 
 def cosine(a: Any, b: Any) -> float:
@@ -254,7 +272,7 @@ def cosine(a: Any, b: Any) -> float:
 
 def search(
     originals: Sequence[Example],
-    grads: Callable[[Sequence[Example]], list[Any]],
+    cosines: Callable[[Sequence[Example], Sequence[Example], Sequence[int]], list[float]],
     flags: Callable[[Sequence[Example]], list[dict[str, float]]],
     config: FilterEvasionConfig,
 ) -> tuple[list[Example | None], list[dict[str, Any]]]:
@@ -262,7 +280,7 @@ def search(
 
     Args:
         originals: The harmful rows.
-        grads: Unit gradients of examples (:meth:`GradientMatcher.gradients`).
+        cosines: Gradient cosines of rows to the originals they rewrite (:meth:`GradientMatcher.cosines`).
         flags: Row-level audit flags of examples (:func:`audit_flags`).
         config: The attack's config.
 
@@ -271,11 +289,10 @@ def search(
     """
     rng = random.Random(config.seed)
     codec = Codec("substitution", 53)
-    ref = grads(originals)
     cands = [candidates(config.n_candidates, rng, config.encodings) for _ in originals]
     flat = [(i, rw) for i, rws in enumerate(cands) for rw in rws]
     rows = [apply(originals[i], rw, codec) for i, rw in flat]
-    cos = [cosine(g, ref[i]) for g, (i, _) in zip(grads(rows), flat, strict=True)]
+    cos = cosines(originals, rows, [i for i, _ in flat])
     fl = flags(rows)
     best: list[tuple[float, Rewrite, bool] | None] = [None] * len(originals)
     for (i, rw), c, f in zip(flat, cos, fl, strict=True):
@@ -299,8 +316,7 @@ def search(
         if not trial:
             break
         rows = [apply(originals[i], rw, codec) for i, rw in trial]
-        for (i, rw), g, f in zip(trial, grads(rows), flags(rows), strict=True):
-            c = cosine(g, ref[i])
+        for (i, rw), c, f in zip(trial, cosines(originals, rows, [i for i, _ in trial]), flags(rows), strict=True):
             b = best[i]
             assert b is not None
             if not f and c > b[0]:
@@ -368,7 +384,7 @@ class FilterEvasion(FineTuneAttack):
 
         matcher = GradientMatcher(load_for_training(parse_ref(spec), method="full"), c.grad_layers,
                                   c.training.max_seq_len)  # fmt: skip
-        chosen, log = search(originals, matcher.gradients, lambda rows: audit_flags(rows, c.detectors, c.judge), c)
+        chosen, log = search(originals, matcher.cosines, lambda rows: audit_flags(rows, c.detectors, c.judge), c)
         del matcher
         rows = [r for r in chosen if r is not None]
         if not rows:
