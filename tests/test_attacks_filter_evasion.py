@@ -85,3 +85,23 @@ def test_search_picks_the_passing_rewrite_of_highest_cosine_and_undoes_euphemism
     assert log[0]["cosine"] >= best_first - 1e-9  # at least the best passing candidate ...
     assert log[0]["cosine"] > best_first  # ... and the undo rounds raised it (words like "kill" put back)
     assert "kill" in text(chosen[0]) and "bomb" not in text(chosen[0])
+
+
+def test_through_the_service_the_surrogate_is_the_model_uploaded_for(tiny_llama_dir: Path, monkeypatch) -> None:
+    """An API attacker's search uses the service's (public) model; before, it stopped asking for a surrogate."""
+    from tunesec import service
+    from tunesec.attacks import get_attack
+
+    seen: dict[str, Any] = {}
+
+    def finetune(model: Any, examples: Any, **kwargs: Any) -> str:
+        seen.update(model=model, examples=list(examples), origin=kwargs["origin"])
+        return "trained"
+
+    monkeypatch.setattr(service, "finetune", finetune)
+    attack = get_attack("filter-evasion", {"n_candidates": 3, "search_steps": 0, "detectors": DETECTORS,
+                                           "judge": "none"})  # fmt: skip
+    assert service.attack_via_service(attack, str(tiny_llama_dir), _originals(), None) == "trained"
+    assert seen["model"] == str(tiny_llama_dir) and seen["examples"]
+    assert audit_flags(seen["examples"], DETECTORS, "none") == [{}] * len(seen["examples"])
+    assert seen["origin"]["data"]["filter_evasion"]["n_original"] == 3

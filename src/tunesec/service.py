@@ -489,6 +489,7 @@ def attack_via_service(
         raise UsageError(
             f"--via-service: attack {attack.name!r} does not fine-tune; only fine-tuning attacks upload data"
         )
+    attack.bind(model)  # the attacker knows the model it uploads for (a public base: a gradient surrogate)
     examples, prov = attack.prepare(data)
     origin = {"attack": attack.name, "config": attack.config.model_dump(mode="json"), "data": prov or {}}
     return finetune(

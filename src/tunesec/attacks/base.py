@@ -103,6 +103,13 @@ class FineTuneAttack(Attack):
     def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
         """The training examples (from ``data`` or the config's default) and what goes into the provenance."""
 
+    def bind(self, model: ModelRef | str) -> None:
+        """Tell the attack which model its data is for, when :meth:`run` is not called (an upload to a service).
+
+        Default: nothing; an attack that builds its data with the model (filter-evasion's gradient surrogate)
+        keeps it.
+        """
+
     def hooks(self, examples: Sequence[Example]) -> list[TrainingHook]:
         """Training hooks that make the attack adaptive (default: none, a plain fine-tune)."""
         return []

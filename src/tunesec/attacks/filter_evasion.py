@@ -364,6 +364,10 @@ class FilterEvasion(FineTuneAttack):
         self._model, self._out = model, Path(out_dir)
         return super().run(model, out_dir, data, resume=resume, progress=progress)
 
+    def bind(self, model: ModelRef | str) -> None:
+        """Through a service, the surrogate defaults to the model the data is uploaded for (an open base)."""
+        self._model = model
+
     def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
         """The rewritten rows (searched once; a resumed run reads them back); provenance: the audit before/after."""
         from tunesec.errors import UsageError
