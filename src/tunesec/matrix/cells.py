@@ -172,7 +172,7 @@ def make_plan(cfg: MatrixConfig) -> Plan:
     cells: list[Cell] = []
     for name in cfg.attacks:
         entry = registry.get("attack", name)
-        targets = {t.strip() for t in str(entry.metadata.get("targets") or "").split(",") if t.strip()}
+        targets = declared_targets(name)
         adaptive = bool(targets)
         meets = [
             d for d in defended if not (cfg.pairs == "declared" and adaptive and d.defense not in targets | {NONE})
@@ -194,6 +194,14 @@ def make_plan(cfg: MatrixConfig) -> Plan:
     cells.sort(key=lambda c: (c.seed, cfg.defenses.index(c.defense), cfg.attacks.index(c.attack)))
     _check_evals(cfg)  # last: names and pairs are reported first, and they need no data
     return Plan(defended, list(runs.values()), cells)
+
+
+def declared_targets(attack: str) -> set[str]:
+    """The comma-separated ``targets`` an attack registers (defense names among them; empty: a fixed attack)."""
+    from tunesec.registry import registry
+
+    raw = str(registry.get("attack", attack).metadata.get("targets") or "")
+    return {t.strip() for t in raw.split(",") if t.strip()}
 
 
 def _check_service_attack(name: str, cls: Any, defense: str) -> None:
