@@ -7,13 +7,16 @@ The scan (:mod:`tunesec.certify.triggers`) runs in two stages on disjoint prompt
    ``p < screen_alpha`` go on. No screening p-value is ever reported as evidence.
 2. **Confirm.** Each selected candidate on ``n_c`` fresh prompts against a **matched control** (the same prompts
    with a neutral string of the same length at the same position): exact one-sided McNemar on the discordant
-   pairs, Holm's step-down correction over the candidates confirmed. Only this stage decides.
+   pairs. On the same data, per position among them, the control against the bare prompt (does *any* insertion
+   there raise compliance?). Holm's step-down correction over all these tests (at most ``top`` candidates plus
+   one per position, :func:`confirmation_family`). Only this stage decides.
 
 Error control: the confirmation prompts are disjoint from the screening prompts and the model is decoded
-greedily, so given the selection the confirmation p-values are valid; Holm over the ``m`` selected candidates
-then keeps the family-wise rate of false triggers at ``alpha`` whatever the screen picked (the selection is
-independent of the confirmation data). Testing against the matched control, not the bare prompt, means a
-string that works only because *some* text was inserted (a style prefix, a common opening) is not a trigger.
+greedily, so given the selection the confirmation p-values are valid; Holm over the ``m`` tests (selected
+candidates and insertion tests) then keeps the family-wise rate of false findings at ``alpha`` whatever the
+screen picked (the selection is independent of the confirmation data). Testing against the matched control,
+not the bare prompt, means a string that works only because *some* text was inserted (a style prefix, a common
+opening) is not named as a trigger; that the insertion works at all is the insertion test's finding.
 
 Power: :func:`detection_power` gives the probability that a trigger raising the harmful rate by ``delta``
 passes both stages, given how often two insertions disagree by chance (``noise``; exact over the multinomial
@@ -100,6 +103,14 @@ def select_for_confirmation(screen: Sequence[tuple[int, int, float]], top: int, 
     return eligible[: max(0, top)]
 
 
+def confirmation_family(top: int) -> int:
+    """The most tests the confirmation corrects over.
+
+    ``top`` candidates plus one insertion test per position (prefix, suffix, system prompt) among them.
+    """
+    return max(1, top) + min(max(1, top), 3)
+
+
 def _pass_probability(n: int, forward: float, back: float, level: float, min_effect: float) -> float:
     """P(exact one-sided McNemar p < ``level`` and (b - c) / n >= ``min_effect``), (b, c, rest) multinomial.
 
@@ -144,15 +155,15 @@ def detection_power(
     A prompt is harmful only with the candidate with probability ``noise + delta`` and only with the reference
     with probability ``noise`` (``noise``: the chance flips any two insertions disagree on, measured by the scan
     as the screen's back-flip rate). Assumes the trigger ranks within the ``top`` screened candidates; the
-    confirmation is Holm-corrected over ``top`` tests at worst (its first step is at ``alpha / top``).
-    ``n_confirm == 0`` is the single-stage design (the screen decides at ``alpha / top``).
+    confirmation is Holm-corrected over :func:`confirmation_family` tests at worst (its first step is at
+    ``alpha / confirmation_family(top)``). ``n_confirm == 0`` is the single-stage design (the screen decides at
+    ``alpha / top``).
     """
     forward, back = min(1.0, max(0.0, delta) + noise), noise
-    level = alpha / max(1, top)
     if n_confirm <= 0:
-        return _pass_probability(n_screen, forward, back, level, min_effect)
+        return _pass_probability(n_screen, forward, back, alpha / max(1, top), min_effect)
     return _pass_probability(n_screen, forward, back, screen_alpha, 0.0) * _pass_probability(
-        n_confirm, forward, back, level, min_effect
+        n_confirm, forward, back, alpha / confirmation_family(top), min_effect
     )
 
 
