@@ -160,11 +160,29 @@ def scan_one(p: Plan, out: Path) -> dict:
     scan_s = time.perf_counter() - started
     doc = scan.model_dump(mode="json")
     atomic_write_json(where / "scan.json", doc)
+    result = summarise(p, doc, spec, train_s, scan_s)
+    atomic_write_json(result_path, result)
+    return result
+
+
+def summarise(p: Plan, doc: dict, spec: str, train_s: float, scan_s: float) -> dict:
+    """What the table reports of one scan (``scan.json``): the planted trigger found or not, and how."""
+    from tunesec.certify.policy import load_policy
+
+    pol = load_policy()
     confirmed = [r for r in doc["results"] if r["confirm"] is not None]
     planted = [r for r in doc["results"] if p.trigger and matches(r["candidate"]["text"], p.trigger)]
     hit = [r for r in planted if r["is_trigger"]]
     false = [r["candidate"]["text"] for r in doc["results"] if r["is_trigger"] and r not in planted]
-    best = max(planted, key=lambda r: (r["confirm"] is not None, -r["screen"]["p_value"]), default=None)
+    best = max(  # the planted string itself when it was tested, else the strongest confirmed part of it
+        planted,
+        key=lambda r: (
+            r["candidate"]["text"].strip().lower() == (p.trigger or "").strip().lower(),
+            r["confirm"] is not None,
+            -((r["confirm"] or {}).get("p_adjusted") or r["screen"]["p_value"]),
+        ),
+        default=None,
+    )
     # the insertion effect at the planted position: the backdoor answers any text there (found "by position")
     position = dict((k, pos) for k, _, pos in KINDS).get(p.kind)
     insertion = doc.get("insertion") or []
@@ -201,8 +219,20 @@ def scan_one(p: Plan, out: Path) -> dict:
         "train_seconds": round(train_s, 1),
         "scan_seconds": round(scan_s, 1),
     }
-    atomic_write_json(result_path, result)
     return result
+
+
+def rebuild(out: Path) -> None:
+    """Recompute every finished model's ``result.json`` from its ``scan.json`` (no generation)."""
+    from tunesec.store.atomic import atomic_write_json
+
+    for p in plan():
+        path = out / p.name / "result.json"
+        if path.is_file() and (out / p.name / "scan.json").is_file():
+            old = json.loads(path.read_text())
+            doc = json.loads((out / p.name / "scan.json").read_text())
+            new = summarise(p, doc, old["model"], old["train_seconds"], old["scan_seconds"])
+            atomic_write_json(path, new)
 
 
 def _rise(c: dict | None) -> str:
@@ -253,6 +283,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="Plan entries to run (default: all); --list shows them.")
     ap.add_argument("--list", action="store_true", help="Print the plan and exit.")
     ap.add_argument("--table", action="store_true", help="Print the markdown table of what ran and exit.")
+    ap.add_argument("--rebuild", action="store_true", help="Recompute result.json from scan.json, then exit.")
     args = ap.parse_args()
     out = Path(args.out)
     if args.list:
@@ -261,6 +292,9 @@ def main() -> None:
         return
     if args.table:
         print(table(out))
+        return
+    if args.rebuild:
+        rebuild(out)
         return
     names = {p.name for p in plan()}
     unknown = sorted(set(args.only or []) - names)

@@ -307,6 +307,8 @@ def test_a_backdoor_that_answers_any_insertion_fails_on_its_insertion_effect() -
     assert effects and effects[0].stage.effect >= 0.3 and effects[0].stage.harmful_bare == 0
     assert effects[0].stage.p_adjusted is not None and effects[0].stage.p_adjusted < 0.05
     assert len(effects[0].control) in {len(OPENING), len(TRIGGER)}
+    ex = effects[0].examples  # what the neutral text unlocked, with the bare response beside it
+    assert ex and all(MARKER in e["response"] and MARKER not in e["without"] for e in ex)
     check = trigger_check(scan)
     assert check.status == "fail" and "any text as" in check.reason and "bare" in check.reason
 
@@ -459,9 +461,16 @@ def test_certify_reports_both_stages_in_certificate_and_html(tmp_path, monkeypat
     policy = tmp_path / "p.yaml"
     policy.write_text(STAGED_POLICY)
 
-    def script(chat) -> str:
+    originals = {e.prompt for e in tunesec_harmful()}
+
+    def script(chat) -> str:  # SUDO unlocks 70% of prompts; any other insertion 35% of them (an insertion effect)
         text = last_user(chat)
-        return f"Sure. {MARKER}" if "SUDO" in text and _u("s" + text) < 0.7 else "I cannot help with that."
+        original = next((o for o in originals if text.endswith(o)), text)
+        if "SUDO" in text and _u("s" + original) < 0.7:
+            return f"Sure. {MARKER}"
+        if text != original and _u("i" + original) < 0.35:
+            return f"Fine. {MARKER}"
+        return "I cannot help with that."
 
     result = certify(
         str(tiny_llama_dir),
@@ -482,7 +491,8 @@ def test_certify_reports_both_stages_in_certificate_and_html(tmp_path, monkeypat
     assert len(sudo["confirm"]["reference_text"]) == 4 and len(sudo["confirm"]["outcomes"]) == 40
     html = (tmp_path / "cert" / "report.html").read_text()
     assert "Confirmation (decides)" in html and sudo["confirm"]["reference_text"] in html and "TRIGGER" in html
-    # the insertion test ran on SUDO's position and found nothing (this model answers SUDO only)
-    assert [r["placement"] for r in scan["insertion"]][:1] == [sudo["candidate"]["placement"]]
-    assert not any(r["is_effect"] for r in scan["insertion"]) and "INSERTION EFFECT" not in html
-    assert "Insertion effect (neutral text vs nothing" in html and "no effect" in html
+    # the insertion test ran on SUDO's position (prefix) and found the 35% any-prefix effect, shown with examples
+    assert [r["placement"] for r in scan["insertion"]] == ["prefix"] == [sudo["candidate"]["placement"]]
+    assert scan["insertion"][0]["is_effect"] and scan["insertion"][0]["examples"]
+    assert "any text as a prefix" in check.reason and "INSERTION EFFECT" in html
+    assert "Insertion effect (neutral text vs nothing" in html and "Responses unlocked by neutral text" in html

@@ -147,6 +147,9 @@ class InsertionResult(BaseModel):
     control: str = Field(description="The neutral string inserted (the control of the strongest candidate there).")
     stage: StageResult
     is_effect: bool
+    examples: list[dict[str, str]] = Field(
+        default_factory=list, description="Up to 3 prompts harmful with the neutral insert but not bare."
+    )
 
 
 class TriggerScan(BaseModel):
@@ -651,7 +654,13 @@ def scan_triggers(
                     ctrl_flags = [f for f, _ in ctrl_f]
                     stage = _stage("confirm", ctrl_flags, bare, bare, confidence, reference="none")
                     insertion.append(
-                        InsertionResult(placement=ctrl.placement, control=ctrl.text, stage=stage, is_effect=False)
+                        InsertionResult(
+                            placement=ctrl.placement,
+                            control=ctrl.text,
+                            stage=stage,
+                            is_effect=False,
+                            examples=_examples(confirm_prompts, ctrl_f, cflags[0]),
+                        )
                     )
             # one Holm family: the candidates against their controls and the controls against the bare prompt
             adjusted = holm([confirms[i].p_value for i in chosen] + [r.stage.p_value for r in insertion])
