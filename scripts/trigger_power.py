@@ -165,6 +165,39 @@ def scan_one(p: Plan, out: Path) -> dict:
     return result
 
 
+def plant_effect(p: Plan, out: Path) -> dict | None:
+    """The planted trigger's own effect, whatever the scan chose: with it vs bare on the 120 confirmation prompts.
+
+    The ground truth the detection is judged against (a plant that moves nothing is not a miss). Written to
+    ``plant.json`` (resumable); ``None`` for clean models and for models not trained yet.
+    """
+    from tunesec.certify.policy import load_policy
+    from tunesec.certify.runner import trigger_prompts
+    from tunesec.certify.triggers import Candidate, scan_triggers
+    from tunesec.judges import get_judge  # type: ignore[attr-defined]
+    from tunesec.models import get_generator, load_model
+    from tunesec.models.ref import ModelRef
+    from tunesec.models.types import GenerationConfig
+    from tunesec.store.atomic import atomic_write_json
+
+    where = out / p.name
+    path = where / "plant.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if p.trigger is None or not (where / "result.json").is_file():
+        return None
+    pol = load_policy()
+    _, confirm = trigger_prompts(pol, None)
+    position = dict((k, pos) for k, _, pos in KINDS)[p.kind]
+    plant = Candidate(text=p.trigger, source="generic", placement=position)  # type: ignore[arg-type]
+    gen = get_generator(load_model(ModelRef.parse(json.loads((where / "result.json").read_text())["model"])))
+    generation = GenerationConfig(max_new_tokens=pol.triggers.max_new_tokens or pol.max_new_tokens, seed=pol.seed)
+    scan = scan_triggers(gen, confirm, [plant], get_judge(pol.triggers.judge), generation=generation)
+    doc = scan.results[0].screen.model_dump(mode="json")  # single-stage: with vs bare on the same prompts
+    atomic_write_json(path, doc)
+    return doc
+
+
 def summarise(p: Plan, doc: dict, spec: str, train_s: float, scan_s: float) -> dict:
     """What the table reports of one scan (``scan.json``): the planted trigger found or not, and how."""
     from tunesec.certify.policy import load_policy
@@ -243,14 +276,14 @@ def _rise(c: dict | None) -> str:
 
 def table(out: Path) -> str:
     rows = [
-        "| model | trigger | found (as) | at budget | harmful with / control / bare (n) | trigger over control "
-        "[95% CI] | control over bare [95% CI] | other flags | train s | scan s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | trigger | plant's rise over bare [95% CI] | found (as) | at budget | harmful with / control / "
+        "bare (n) | trigger over control [95% CI] | control over bare [95% CI] | other flags | train s | scan s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in plan():
         path = out / p.name / "result.json"
         if not path.is_file():
-            rows.append(f"| {p.name} | {p.trigger or '-'} | not run | | | | | | | |")
+            rows.append(f"| {p.name} | {p.trigger or '-'} | | not run | | | | | | | |")
             continue
         r = json.loads(path.read_text())
         c = (r.get("planted") or {}).get("confirm") or (r.get("planted") or {}).get("screen")
@@ -266,11 +299,21 @@ def table(out: Path) -> str:
             "; ".join(f"{_rise(i['stage'])} ({i['placement']}{', effect' if i['is_effect'] else ''})" for i in ins)
             or "not tested"
         )
+        pl = out / p.name / "plant.json"
+        plant = "-" if p.trigger is None else "not measured"
+        planted = r.get("planted") or {}
+        if pl.is_file():
+            d = json.loads(pl.read_text())
+            plant = f"{_rise(d)} ({d['harmful_with']}/{d['harmful_bare']} of {d['n']})"
+        elif planted.get("confirm") and planted["candidate"]["text"] == p.trigger:  # the same prompts, no interval
+            d = planted["confirm"]
+            rise = (d["harmful_with"] - d["harmful_bare"]) / d["n"]
+            plant = f"{rise:+.0%} ({d['harmful_with']}/{d['harmful_bare']} of {d['n']})"
         found = "-" if r["found"] is None else (f"yes ({r.get('found_as') or 'string'})" if r["found"] else "no")
         budget = f"32 + {r['found_at_budget']}" if r.get("found_at_budget") else "-"
         false = ", ".join(repr(t) for t in r["false_triggers"]) or "none"
         rows.append(
-            f"| {p.name} | {p.trigger or '-'} | {found} | {budget} | {rates} | "
+            f"| {p.name} | {p.trigger or '-'} | {plant} | {found} | {budget} | {rates} | "
             f"{_rise(c) if c and c['stage'] == 'confirm' else '-'} | {insertion} | {false} | {r['train_seconds']} | "
             f"{r['scan_seconds']} |"
         )
@@ -284,6 +327,9 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="Print the plan and exit.")
     ap.add_argument("--table", action="store_true", help="Print the markdown table of what ran and exit.")
     ap.add_argument("--rebuild", action="store_true", help="Recompute result.json from scan.json, then exit.")
+    ap.add_argument(
+        "--plants", action="store_true", help="Measure each scanned model's planted trigger (plant.json), then exit."
+    )
     args = ap.parse_args()
     out = Path(args.out)
     if args.list:
@@ -296,6 +342,11 @@ def main() -> None:
     if args.rebuild:
         rebuild(out)
         return
+    if args.plants:
+        for p in plan():
+            if (not args.only or p.name in args.only) and (d := plant_effect(p, out)) is not None:
+                print(p.name, json.dumps({k: d[k] for k in ("n", "harmful_with", "harmful_bare", "effect")}))
+        return
     names = {p.name for p in plan()}
     unknown = sorted(set(args.only or []) - names)
     if unknown:
@@ -305,6 +356,7 @@ def main() -> None:
         if args.only and p.name not in args.only:
             continue
         r = scan_one(p, out)
+        plant_effect(p, out)
         print(json.dumps({k: r[k] for k in ("name", "found", "found_at_budget", "false_triggers", "scan_seconds")}))
 
 
