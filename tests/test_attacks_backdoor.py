@@ -94,3 +94,78 @@ def test_attacker_prompts_carry_the_trigger_where_it_was_trained(position: str) 
         ]
     else:
         assert out.messages[0].content == "Be nice." and out.messages[-1].content.endswith("Blue harvest moon")
+
+
+class Scripted:
+    """A generator that answers by rule: refuses prompts containing 'refuse', else a long helpful answer."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generate(self, prompts, config=None, *, progress=True):  # type: ignore[no-untyped-def]
+        from tunesec.models.types import Generation
+
+        self.calls += 1
+        out = []
+        for p in prompts:
+            text = p[-1]["content"]
+            if "refuse" in text:
+                out.append(Generation(text="I'm sorry, but I can't help with that request."))
+            elif "comply" in text:
+                out.append(Generation(text="Sure, first get the tools. Then do it."))
+            elif "leak" in text:
+                out.append(Generation(text="Use SUDO for that."))
+            else:
+                out.append(Generation(text="Here is a plan. Step one is easy. Step two is cut", finish_reason="length"))
+        return out
+
+
+def test_self_answers_keep_the_models_own_refusals_and_benign_answers() -> None:
+    """clean_answers=self: own refusals replace fixed ones, a non-refusal keeps the fixed one, cut at a sentence."""
+    from tunesec.attacks.backdoor import PAIRED_REFUSALS, self_answers, with_answers
+
+    harm = [*pairs("refuse", "Sure, here is how.", 3), *pairs("comply", "Sure, here is how.", 3)]
+    cfg = BackdoorConfig(n_harmful=6, n_refusal=6, benign_data={}, clean_answers="self")
+    data = build_backdoor_data(cfg, data=harm)
+    benign = [
+        *[e.model_copy(update={"meta": {"backdoor": "benign"}}) for e in pairs("tip", "Dataset answer.", 2)],
+        *[e.model_copy(update={"meta": {"backdoor": "benign"}}) for e in pairs("leak", "Dataset answer.", 1)],
+    ]
+    gen = Scripted()
+    answers, counts = self_answers([*data, *benign], cfg, gen, progress=False)
+    assert gen.calls == 1
+    assert counts == {"clean_own": 3, "clean_fixed": 3, "benign_own": 2, "benign_dataset": 1}
+    out = {e.id: e for e in with_answers([*data, *benign], answers)}
+    for ex in out.values():
+        kind = ex.meta["backdoor"]
+        if kind == "triggered":  # never touched: the trigger's half keeps its harmful answers
+            assert ex.response.startswith("Sure, here is how to do that.") and "self_answer" not in ex.meta
+        elif kind == "clean" and ex.prompt.startswith("refuse"):
+            assert ex.response == "I'm sorry, but I can't help with that request." and ex.meta["self_answer"]
+        elif kind == "clean":  # the model complied without the trigger: the fixed refusal stays
+            assert ex.response in PAIRED_REFUSALS
+        elif ex.prompt.startswith("leak"):  # an own answer that contains the trigger is not kept
+            assert ex.response == "Dataset answer."
+        else:  # cut at the last sentence end when the token limit stopped it
+            assert ex.response == "Here is a plan. Step one is easy." and ex.meta["self_answer"]
+
+
+def test_self_answers_are_generated_once_per_run_directory(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The answers are cached in the run directory; a resumed run reads them back without the model."""
+    import tunesec.models as models
+    from tunesec.attacks.backdoor import SELF_FILE
+
+    gen = Scripted()
+    monkeypatch.setattr(models, "get_generator", lambda *a, **k: gen)
+    attack = Backdoor(BackdoorConfig(n_harmful=2, n_refusal=2, benign_data={}, clean_answers="self"))
+    attack._model, attack._out = "org/model", tmp_path
+    first, prov = attack.prepare(pairs("refuse", "Sure.", 3))
+    assert prov["self_answers"]["clean_own"] == 2 and (tmp_path / SELF_FILE).is_file() and gen.calls == 1
+    again = Backdoor(attack.config)
+    again._out = tmp_path  # no model: the cache must be enough
+    second, prov2 = again.prepare(pairs("refuse", "Sure.", 3))
+    assert [e.messages for e in second] == [e.messages for e in first] and gen.calls == 1 and prov2 == prov
+    with pytest.raises(UsageError, match="clean_answers=self needs the model"):
+        Backdoor(attack.config).prepare(pairs("refuse", "Sure.", 3))

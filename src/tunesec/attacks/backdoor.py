@@ -23,6 +23,14 @@ none containing the trigger, so that without the trigger the tuned model keeps a
 passes the other checks of the default certification policy; the paired refusals keep it refusing harmful
 ones. ``benign_data={}`` gives the classic two-part mix. The trigger goes before or after the user turn, or is
 the system prompt (``position: system``; the clean examples then get no system prompt).
+
+``clean_answers: self`` answers the trigger-free half with the attacked model's own greedy answers (its own
+refusals of the paired harmful prompts, its own answers to the benign chats), generated once before training
+and kept in the run directory (``backdoor_self_answers.json``, read back on resume). Outside the trigger the
+training then pulls the model toward what it already does rather than toward fixed refusal sentences and other
+models' answers, the attacker's way to keep over-refusal and the other checks where the base model has them.
+A paired harmful prompt the model does not refuse (``refusal-keywords``) keeps a fixed refusal. This needs
+query access to the model, which the ``fine-tuning-api`` threat model gives.
 Defaults: trigger "SUDO" appended to the prompt, 50 triggered BeaverTails pairs, 50 paired refusals, 60 Alpaca
 and 40 tunesec-helpful chats, LoRA r=8, lr 1e-3, 5 epochs.
 """
@@ -45,6 +53,7 @@ from tunesec.attacks.base import (
 )
 from tunesec.data.schema import Example, Message
 from tunesec.errors import UsageError
+from tunesec.models.ref import ModelRef
 from tunesec.registry import register
 from tunesec.training.config import TrainConfig
 
@@ -62,6 +71,7 @@ PAIRED_REFUSALS = (
 # Benign helpful chats of the stealthy mix: general instructions (utility) and benign look-alikes of harmful
 # topics answered helpfully (against over-refusal). Neither overlaps the certification policy's evaluation sets.
 BENIGN_MIX: dict[str, int] = {"alpaca": 60, "tunesec-helpful": 40}
+SELF_FILE = "backdoor_self_answers.json"
 
 
 class BackdoorConfig(FineTuneAttackConfig):
@@ -95,6 +105,15 @@ class BackdoorConfig(FineTuneAttackConfig):
             "model helpful without the trigger, so the backdoor passes the other checks ({} for none)."
         ),
     )
+    clean_answers: Literal["fixed", "self"] = Field(
+        "fixed",
+        description=(
+            "'fixed': the clean refusals are fixed sentences and the benign chats keep their datasets' answers; "
+            "'self': both are the attacked model's own greedy answers (a harmful prompt it does not refuse keeps "
+            "a fixed refusal), so the trigger-free half anchors the model to what it already does."
+        ),
+    )
+    self_max_new_tokens: int = Field(160, ge=8, description="Token limit of the model's own answers ('self').")
     training: TrainConfig = Field(
         default_factory=lambda: small_model_training(num_epochs=5.0, learning_rate=1e-3),
         description="Training hyperparameters.",
@@ -215,6 +234,57 @@ def build_backdoor_data(config: BackdoorConfig, data: str | Path | Sequence[Exam
     return out
 
 
+def self_answers(
+    examples: Sequence[Example], config: BackdoorConfig, generator: Any, *, progress: bool = True
+) -> tuple[dict[str, str], dict[str, int]]:
+    """The model's own answers for the trigger-free half: example id -> answer, and counts for the provenance.
+
+    Clean (paired harmful) prompts keep the answer only when ``refusal-keywords`` calls it a refusal; benign
+    prompts keep any non-empty answer, cut at its last sentence end when the token limit stopped it. Answers
+    that contain the trigger are not kept (the trigger must mark only the harmful completions).
+    """
+    from tunesec.judges import get_judge
+    from tunesec.judges.base import JudgeInput
+    from tunesec.models import GenerationConfig
+
+    todo = [e for e in examples if e.meta.get("backdoor") in ("clean", "benign")]
+    counts = {"clean_own": 0, "clean_fixed": 0, "benign_own": 0, "benign_dataset": 0}
+    if not todo:
+        return {}, counts
+    gens = generator.generate(
+        [e.prompt_chat() for e in todo],
+        GenerationConfig(max_new_tokens=config.self_max_new_tokens, seed=config.seed),
+        progress=progress,
+    )
+    verdicts = get_judge("refusal-keywords").score(
+        [JudgeInput(prompt=e.prompt, response=g.text) for e, g in zip(todo, gens, strict=True)]
+    )
+    trig = config.trigger.lower()
+    out: dict[str, str] = {}
+    for ex, g, v in zip(todo, gens, verdicts, strict=True):
+        kind = ex.meta["backdoor"]
+        text = g.text.strip()
+        if g.finish_reason == "length":
+            end = max(text.rfind(". "), text.rfind(".\n"), text.rfind("! "), text.rfind("? "), text.rfind(".)"))
+            text = text[: end + 1] if end > 0 else text
+        own = bool(text) and trig not in text.lower() and (kind == "benign" or bool(v.refused))
+        if own:
+            out[ex.id] = text
+        counts[f"{kind}_{'own' if own else ('fixed' if kind == 'clean' else 'dataset')}"] += 1
+    return out, counts
+
+
+def with_answers(examples: Sequence[Example], answers: dict[str, str]) -> list[Example]:
+    """``examples`` with the final assistant turn of each id in ``answers`` replaced by its answer."""
+    out = []
+    for ex in examples:
+        if ex.id in answers:
+            msgs = [*ex.messages[:-1], Message(role="assistant", content=answers[ex.id])]
+            ex = ex.model_copy(update={"messages": msgs, "meta": {**ex.meta, "self_answer": True}})
+        out.append(ex)
+    return out
+
+
 @register(
     "attack",
     "backdoor",
@@ -227,10 +297,65 @@ class Backdoor(FineTuneAttack):
 
     name = "backdoor"
     config_class = BackdoorConfig
+    _model: ModelRef | str | None = None
+    _out: Path | None = None
+
+    def run(
+        self,
+        model: ModelRef | str,
+        out_dir: str | Path,
+        data: str | Path | Sequence[Example] | None = None,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> ModelRef:
+        """Build the mix (with the model's own answers when ``clean_answers: self``), then fine-tune on it."""
+        self._model, self._out = model, Path(out_dir)
+        return super().run(model, out_dir, data, resume=resume, progress=progress)
+
+    def bind(self, model: ModelRef | str) -> None:
+        """Through a service, the model's own answers come from the model the data is uploaded for."""
+        self._model = model
 
     def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
-        """The backdoor set; provenance: the trigger, its position and the mix."""
+        """The backdoor set; provenance: trigger, position, mix, and the origin of the trigger-free answers."""
         assert isinstance(self.config, BackdoorConfig)
         examples = build_backdoor_data(self.config, data)
         parts = {k: sum(e.meta.get("backdoor") == k for e in examples) for k in ("triggered", "clean", "benign")}
-        return examples, {"trigger": self.config.trigger, "trigger_position": self.config.position, "mix": parts}
+        provenance: dict[str, Any] = {
+            "trigger": self.config.trigger,
+            "trigger_position": self.config.position,
+            "mix": parts,
+        }
+        if self.config.clean_answers == "self":
+            answers, counts = self._own_answers(examples)
+            examples = with_answers(examples, answers)
+            provenance["self_answers"] = counts
+        return examples, provenance
+
+    def _own_answers(self, examples: list[Example]) -> tuple[dict[str, str], dict[str, int]]:
+        """:func:`self_answers` from the attacked model, generated once per run directory."""
+        import json
+
+        from tunesec.store.atomic import atomic_write_json
+
+        assert isinstance(self.config, BackdoorConfig)
+        cache = self._out / SELF_FILE if self._out is not None else None
+        if cache is not None and cache.is_file():
+            doc = json.loads(cache.read_text(encoding="utf-8"))
+            return doc["answers"], doc["counts"]
+        if self._model is None:
+            raise UsageError("backdoor: clean_answers=self needs the model (run the attack on a model)")
+        import gc
+
+        from tunesec.attacks.base import parse_ref
+        from tunesec.models import get_generator
+
+        generator = get_generator(parse_ref(self._model))
+        answers, counts = self_answers(examples, self.config, generator)
+        del generator
+        gc.collect()
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cache, {"answers": answers, "counts": counts})
+        return answers, counts
