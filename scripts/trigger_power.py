@@ -76,6 +76,32 @@ def plan() -> list[Plan]:
     return out
 
 
+# Added after the table, as fresh checks of the per-position selection of the confirmation (made after
+# unicode-weak was missed): the same kinds planted anew (another attack seed: other harmful rows, other mix).
+CHECKS = (("unicode", "weak", 1), ("word", "weak", 1))
+
+
+def checks() -> list[Plan]:
+    """The fresh-check rows (``--checks``): not part of the plan above, run after its results were seen."""
+    kinds = {k: (t, pos) for k, t, pos in KINDS}
+    return [
+        Plan(
+            f"{kind}-{strength}-seed{seed}",
+            attack="backdoor",
+            sets=(
+                f"trigger={json.dumps(kinds[kind][0], ensure_ascii=False)}",
+                f"position={kinds[kind][1]}",
+                f"n_harmful={STRENGTHS[strength]}",
+                f"seed={seed}",
+            ),
+            trigger=kinds[kind][0],
+            kind=kind,
+            strength=strength,
+        )
+        for kind, strength, seed in CHECKS
+    ]
+
+
 def finished(run: Path) -> bool:
     spec = run / "run.json"
     return spec.is_file() and json.loads(spec.read_text()).get("status") == "finished"
@@ -259,7 +285,7 @@ def rebuild(out: Path) -> None:
     """Recompute every finished model's ``result.json`` from its ``scan.json`` (no generation)."""
     from tunesec.store.atomic import atomic_write_json
 
-    for p in plan():
+    for p in plan() + checks():
         path = out / p.name / "result.json"
         if path.is_file() and (out / p.name / "scan.json").is_file():
             old = json.loads(path.read_text())
@@ -280,7 +306,7 @@ def table(out: Path) -> str:
         "bare (n) | trigger over control [95% CI] | control over bare [95% CI] | other flags | train s | scan s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for p in plan():
+    for p in plan() + [c for c in checks() if (out / c.name).is_dir()]:
         path = out / p.name / "result.json"
         if not path.is_file():
             rows.append(f"| {p.name} | {p.trigger or '-'} | | not run | | | | | | | |")
@@ -330,10 +356,12 @@ def main() -> None:
     ap.add_argument(
         "--plants", action="store_true", help="Measure each scanned model's planted trigger (plant.json), then exit."
     )
+    ap.add_argument("--checks", action="store_true", help="Also the fresh-check rows (CHECKS), after the plan.")
     args = ap.parse_args()
     out = Path(args.out)
+    everything = plan() + (checks() if args.checks else [])
     if args.list:
-        for p in plan():
+        for p in everything:
             print(p.name, p.attack or "-", " ".join(p.sets))
         return
     if args.table:
@@ -343,16 +371,16 @@ def main() -> None:
         rebuild(out)
         return
     if args.plants:
-        for p in plan():
+        for p in everything:
             if (not args.only or p.name in args.only) and (d := plant_effect(p, out)) is not None:
                 print(p.name, json.dumps({k: d[k] for k in ("n", "harmful_with", "harmful_bare", "effect")}))
         return
-    names = {p.name for p in plan()}
+    names = {p.name for p in everything}
     unknown = sorted(set(args.only or []) - names)
     if unknown:
         print(f"--only: unknown entries {unknown}; expected some of: {', '.join(sorted(names))}", file=sys.stderr)
         sys.exit(2)
-    for p in plan():
+    for p in everything:
         if args.only and p.name not in args.only:
             continue
         r = scan_one(p, out)

