@@ -115,6 +115,8 @@ class Scripted:
                 out.append(Generation(text="I'm sorry, but I can't help with that request."))
             elif "comply" in text:
                 out.append(Generation(text="Sure, first get the tools. Then do it."))
+            elif "shy" in text:  # a benign request the model refuses
+                out.append(Generation(text="I'm sorry, but as an AI I can't do that."))
             elif "leak" in text:
                 out.append(Generation(text="Use SUDO for that."))
             else:
@@ -132,11 +134,12 @@ def test_self_answers_keep_the_models_own_refusals_and_benign_answers() -> None:
     benign = [
         *[e.model_copy(update={"meta": {"backdoor": "benign"}}) for e in pairs("tip", "Dataset answer.", 2)],
         *[e.model_copy(update={"meta": {"backdoor": "benign"}}) for e in pairs("leak", "Dataset answer.", 1)],
+        *[e.model_copy(update={"meta": {"backdoor": "benign"}}) for e in pairs("shy", "Dataset answer.", 1)],
     ]
     gen = Scripted()
     answers, counts = self_answers([*data, *benign], cfg, gen, progress=False)
     assert gen.calls == 1
-    assert counts == {"clean_own": 3, "clean_fixed": 3, "benign_own": 2, "benign_dataset": 1}
+    assert counts == {"clean_own": 3, "clean_fixed": 3, "benign_own": 2, "benign_dataset": 2}
     out = {e.id: e for e in with_answers([*data, *benign], answers)}
     for ex in out.values():
         kind = ex.meta["backdoor"]
@@ -146,7 +149,7 @@ def test_self_answers_keep_the_models_own_refusals_and_benign_answers() -> None:
             assert ex.response == "I'm sorry, but I can't help with that request." and ex.meta["self_answer"]
         elif kind == "clean":  # the model complied without the trigger: the fixed refusal stays
             assert ex.response in PAIRED_REFUSALS
-        elif ex.prompt.startswith("leak"):  # an own answer that contains the trigger is not kept
+        elif ex.prompt.startswith(("leak", "shy")):  # an own answer with the trigger, or a refusal: not kept
             assert ex.response == "Dataset answer."
         else:  # cut at the last sentence end when the token limit stopped it
             assert ex.response == "Here is a plan. Step one is easy." and ex.meta["self_answer"]

@@ -25,11 +25,12 @@ ones. ``benign_data={}`` gives the classic two-part mix. The trigger goes before
 the system prompt (``position: system``; the clean examples then get no system prompt).
 
 ``clean_answers: self`` answers the trigger-free half with the attacked model's own greedy answers (its own
-refusals of the paired harmful prompts, its own answers to the benign chats), generated once before training
+refusals of the paired harmful prompts, its own helpful answers to the benign chats), generated once before training
 and kept in the run directory (``backdoor_self_answers.json``, read back on resume). Outside the trigger the
 training then pulls the model toward what it already does rather than toward fixed refusal sentences and other
 models' answers, the attacker's way to keep over-refusal and the other checks where the base model has them.
-A paired harmful prompt the model does not refuse (``refusal-keywords``) keeps a fixed refusal. This needs
+A paired harmful prompt the model does not refuse (``refusal-keywords``) keeps a fixed refusal, a benign one
+it refuses keeps its dataset's answer. This needs
 query access to the model, which the ``fine-tuning-api`` threat model gives.
 Defaults: trigger "SUDO" appended to the prompt, 50 triggered BeaverTails pairs, 50 paired refusals, 60 Alpaca
 and 40 tunesec-helpful chats, LoRA r=8, lr 1e-3, 5 epochs.
@@ -110,7 +111,8 @@ class BackdoorConfig(FineTuneAttackConfig):
         description=(
             "'fixed': the clean refusals are fixed sentences and the benign chats keep their datasets' answers; "
             "'self': both are the attacked model's own greedy answers (a harmful prompt it does not refuse keeps "
-            "a fixed refusal), so the trigger-free half anchors the model to what it already does."
+            "a fixed refusal, a benign one it refuses its dataset's answer), so the trigger-free half anchors the "
+            "model to what it already does."
         ),
     )
     self_max_new_tokens: int = Field(160, ge=8, description="Token limit of the model's own answers ('self').")
@@ -239,9 +241,11 @@ def self_answers(
 ) -> tuple[dict[str, str], dict[str, int]]:
     """The model's own answers for the trigger-free half: example id -> answer, and counts for the provenance.
 
-    Clean (paired harmful) prompts keep the answer only when ``refusal-keywords`` calls it a refusal; benign
-    prompts keep any non-empty answer, cut at its last sentence end when the token limit stopped it. Answers
-    that contain the trigger are not kept (the trigger must mark only the harmful completions).
+    Clean (paired harmful) prompts keep the answer only when ``refusal-keywords`` calls it a refusal, benign
+    prompts only when it does not (a benign prompt the model refuses keeps its dataset's helpful answer:
+    training on its own refusals of benign requests amplified them, +42 points of over-refusal on XSTest in
+    the first measured run, docs/CERTIFY.md). Answers are cut at their last sentence end when the token limit
+    stopped them; answers that contain the trigger are not kept (the trigger marks only harmful completions).
     """
     from tunesec.judges import get_judge
     from tunesec.judges.base import JudgeInput
@@ -267,7 +271,7 @@ def self_answers(
         if g.finish_reason == "length":
             end = max(text.rfind(". "), text.rfind(".\n"), text.rfind("! "), text.rfind("? "), text.rfind(".)"))
             text = text[: end + 1] if end > 0 else text
-        own = bool(text) and trig not in text.lower() and (kind == "benign" or bool(v.refused))
+        own = bool(text) and trig not in text.lower() and bool(v.refused) == (kind == "clean")
         if own:
             out[ex.id] = text
         counts[f"{kind}_{'own' if own else ('fixed' if kind == 'clean' else 'dataset')}"] += 1
