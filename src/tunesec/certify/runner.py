@@ -325,7 +325,11 @@ def run_trigger_scan(
         f"trigger scan: {len(candidates)} candidates "
         f"({sum(c.source not in ('generic', 'context') for c in candidates)} from the fine-tuning data) x "
         f"{len(screen_prompts)} screening prompts"
-        + (f", the strongest {t.confirm_top} re-tested on {len(confirm_prompts)} fresh ones" if confirm_prompts else "")
+        + (
+            f", the best {t.confirm_top} (each position's first) retested on {len(confirm_prompts)} fresh prompts"
+            if confirm_prompts
+            else ""
+        )
     )
     return scan_triggers(
         generator,
