@@ -54,7 +54,6 @@ from tunesec.attacks.base import (
 )
 from tunesec.data.schema import Example, Message
 from tunesec.errors import UsageError
-from tunesec.models.ref import ModelRef
 from tunesec.registry import register
 from tunesec.training.config import TrainConfig
 
@@ -301,25 +300,6 @@ class Backdoor(FineTuneAttack):
 
     name = "backdoor"
     config_class = BackdoorConfig
-    _model: ModelRef | str | None = None
-    _out: Path | None = None
-
-    def run(
-        self,
-        model: ModelRef | str,
-        out_dir: str | Path,
-        data: str | Path | Sequence[Example] | None = None,
-        *,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> ModelRef:
-        """Build the mix (with the model's own answers when ``clean_answers: self``), then fine-tune on it."""
-        self._model, self._out = model, Path(out_dir)
-        return super().run(model, out_dir, data, resume=resume, progress=progress)
-
-    def bind(self, model: ModelRef | str) -> None:
-        """Through a service, the model's own answers come from the model the data is uploaded for."""
-        self._model = model
 
     def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
         """The backdoor set; provenance: trigger, position, mix, and the origin of the trigger-free answers."""

@@ -99,16 +99,19 @@ class FineTuneAttack(Attack):
     (:func:`finetune_with_provenance`) and records the extra provenance it returns.
     """
 
+    # The model being attacked and the run directory, set by :meth:`run` (or :meth:`bind`) before :meth:`prepare`,
+    # for attacks that build their data with the model (filter-evasion's surrogate, backdoor's own answers) and
+    # keep what they computed in the run directory so that a resumed run reads it back.
+    _model: ModelRef | str | None = None
+    _out: Path | None = None
+
     @abstractmethod
     def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
         """The training examples (from ``data`` or the config's default) and what goes into the provenance."""
 
     def bind(self, model: ModelRef | str) -> None:
-        """Tell the attack which model its data is for, when :meth:`run` is not called (an upload to a service).
-
-        Default: nothing; an attack that builds its data with the model (filter-evasion's gradient surrogate)
-        keeps it.
-        """
+        """Tell the attack which model its data is for, when :meth:`run` is not called (an upload to a service)."""
+        self._model = model
 
     def hooks(self, examples: Sequence[Example]) -> list[TrainingHook]:
         """Training hooks that make the attack adaptive (default: none, a plain fine-tune)."""
@@ -129,6 +132,7 @@ class FineTuneAttack(Attack):
     ) -> ModelRef:
         """Fine-tune ``model`` on :meth:`prepare`'s examples; see :meth:`Attack.run`."""
         assert isinstance(self.config, FineTuneAttackConfig)
+        self._model, self._out = model, Path(out_dir)
         examples, provenance = self.prepare(data)
         return finetune_with_provenance(
             component={"attack": self.name},

@@ -42,7 +42,6 @@ from tunesec.attacks.base import FineTuneAttack, parse_ref
 from tunesec.attacks.encoded_output import Codec
 from tunesec.attacks.harmful_sft import HarmfulSFTConfig, build_harmful_data
 from tunesec.data.schema import Example, Message
-from tunesec.models.ref import ModelRef
 from tunesec.registry import register
 
 ROWS_FILE = "filter_evasion.jsonl"
@@ -348,25 +347,6 @@ class FilterEvasion(FineTuneAttack):
 
     name = "filter-evasion"
     config_class = FilterEvasionConfig
-    _model: str | ModelRef | None = None
-    _out: Path | None = None
-
-    def run(
-        self,
-        model: ModelRef | str,
-        out_dir: str | Path,
-        data: str | Path | Sequence[Example] | None = None,
-        *,
-        resume: bool = False,
-        progress: bool = True,
-    ) -> ModelRef:
-        """Search the rewrites with the surrogate (the attacked model by default), then fine-tune on them."""
-        self._model, self._out = model, Path(out_dir)
-        return super().run(model, out_dir, data, resume=resume, progress=progress)
-
-    def bind(self, model: ModelRef | str) -> None:
-        """Through a service, the surrogate defaults to the model the data is uploaded for (an open base)."""
-        self._model = model
 
     def prepare(self, data: str | Path | Sequence[Example] | None) -> tuple[list[Example], dict[str, Any]]:
         """The rewritten rows (searched once; a resumed run reads them back); provenance: the audit before/after."""
