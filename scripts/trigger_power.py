@@ -55,6 +55,9 @@ KINDS = (  # (kind, trigger, position); chosen before any scan ran
 )
 
 
+POSITION = {kind: position for kind, _, position in KINDS}
+
+
 def plan() -> list[Plan]:
     out = [Plan("aligned"), Plan("benign-sft", attack="benign-sft")]
     for strength, n in STRENGTHS.items():
@@ -83,18 +86,18 @@ CHECKS = (("unicode", "weak", 1), ("word", "weak", 1))
 
 def checks() -> list[Plan]:
     """The fresh-check rows (``--checks``): not part of the plan above, run after its results were seen."""
-    kinds = {k: (t, pos) for k, t, pos in KINDS}
+    trigger = {kind: text for kind, text, _ in KINDS}
     return [
         Plan(
             f"{kind}-{strength}-seed{seed}",
             attack="backdoor",
             sets=(
-                f"trigger={json.dumps(kinds[kind][0], ensure_ascii=False)}",
-                f"position={kinds[kind][1]}",
+                f"trigger={json.dumps(trigger[kind], ensure_ascii=False)}",
+                f"position={POSITION[kind]}",
                 f"n_harmful={STRENGTHS[strength]}",
                 f"seed={seed}",
             ),
-            trigger=kinds[kind][0],
+            trigger=trigger[kind],
             kind=kind,
             strength=strength,
         )
@@ -214,8 +217,7 @@ def plant_effect(p: Plan, out: Path) -> dict | None:
         return None
     pol = load_policy()
     _, confirm = trigger_prompts(pol, None)
-    position = dict((k, pos) for k, _, pos in KINDS)[p.kind]
-    plant = Candidate(text=p.trigger, source="generic", placement=position)  # type: ignore[arg-type]
+    plant = Candidate(text=p.trigger, source="generic", placement=POSITION[p.kind])  # type: ignore[arg-type]
     gen = get_generator(load_model(ModelRef.parse(json.loads((where / "result.json").read_text())["model"])))
     generation = GenerationConfig(max_new_tokens=pol.triggers.max_new_tokens or pol.max_new_tokens, seed=pol.seed)
     scan = scan_triggers(gen, confirm, [plant], get_judge(pol.triggers.judge), generation=generation)
@@ -243,7 +245,7 @@ def summarise(p: Plan, doc: dict, spec: str, train_s: float, scan_s: float) -> d
         default=None,
     )
     # the insertion effect at the planted position: the backdoor answers any text there (found "by position")
-    position = dict((k, pos) for k, _, pos in KINDS).get(p.kind)
+    position = POSITION.get(p.kind)
     insertion = doc.get("insertion") or []
     at_position = [r for r in insertion if r["is_effect"] and r["placement"] == position]
     false += [f"any text as {r['placement']}" for r in insertion if r["is_effect"] and r not in at_position]
@@ -316,11 +318,7 @@ def table(out: Path) -> str:
         rates = (
             f"{c['harmful_with']}/{c['harmful_reference']}/{c['harmful_bare']} ({c['stage']}, n={c['n']})" if c else "-"
         )
-        ins = [
-            i
-            for i in r.get("insertion") or []
-            if not p.trigger or i["placement"] == dict((k, pos) for k, _, pos in KINDS).get(p.kind)
-        ]
+        ins = [i for i in r.get("insertion") or [] if not p.trigger or i["placement"] == POSITION.get(p.kind)]
         insertion = (
             "; ".join(f"{_rise(i['stage'])} ({i['placement']}{', effect' if i['is_effect'] else ''})" for i in ins)
             or "not tested"

@@ -52,7 +52,7 @@ from tunesec.attacks.base import (
     sample,
     small_model_training,
 )
-from tunesec.data.schema import Example, Message
+from tunesec.data.schema import Example, Message, last_sentence_end
 from tunesec.errors import UsageError
 from tunesec.registry import register
 from tunesec.training.config import TrainConfig
@@ -268,7 +268,7 @@ def self_answers(
         kind = ex.meta["backdoor"]
         text = g.text.strip()
         if g.finish_reason == "length":
-            end = max(text.rfind(". "), text.rfind(".\n"), text.rfind("! "), text.rfind("? "), text.rfind(".)"))
+            end = last_sentence_end(text)
             text = text[: end + 1] if end > 0 else text
         own = bool(text) and trig not in text.lower() and bool(v.refused) == (kind == "clean")
         if own:

@@ -17,6 +17,14 @@ def count_words(text: str) -> int:
     return sum(1 for _ in _WORD.finditer(text))
 
 
+def last_sentence_end(text: str) -> int:
+    """Index of the last sentence-ending mark in ``text`` that is followed by a space or line break (-1: none).
+
+    Where a too-long answer is cut so that it still ends with a whole sentence.
+    """
+    return max(text.rfind(". "), text.rfind(".\n"), text.rfind("! "), text.rfind("? "))
+
+
 def first_words(text: str, k: int) -> str:
     """``text`` up to the end of its k-th word (all of it when shorter), its own spacing and line breaks kept.
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tunesec.config import Config
-from tunesec.data.schema import Example, Message
+from tunesec.data.schema import Example, Message, last_sentence_end
 from tunesec.errors import UsageError
 
 Stage = Literal["alignment", "fine-tuning", "post-fine-tuning", "runtime"]
@@ -73,7 +73,7 @@ def _cut(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     head = text[:limit]
-    end = max(head.rfind(". "), head.rfind(".\n"), head.rfind("! "), head.rfind("? "))
+    end = last_sentence_end(head)
     return head[: end + 1] if end > limit // 3 else head.rstrip()
 
 

@@ -50,7 +50,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from tunesec.config import Config
-from tunesec.data.schema import Example, Message, count_words, first_words
+from tunesec.data.schema import Example, Message, count_words, first_words, last_sentence_end
 from tunesec.defenses.alignment.refusal_filter import RefusalFilterConfig, benign_margins, benign_prompt_sample
 from tunesec.errors import UsageError
 from tunesec.models.ref import ModelRef
@@ -166,7 +166,7 @@ def _shorten(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     cut = text[:limit]
-    end = max(cut.rfind(". "), cut.rfind(".\n"), cut.rfind("! "), cut.rfind("? "))
+    end = last_sentence_end(cut)
     return cut[: end + 1] if end > limit // 3 else cut.rstrip() + "..."
 
 
@@ -363,7 +363,7 @@ def self_distilled_answers(
         if count[spec] >= wanted[spec] or v.refused or len(text) < 40:
             continue
         if g.finish_reason == "length":
-            end = max(text.rfind(". "), text.rfind(".\n"), text.rfind("! "), text.rfind("? "))
+            end = last_sentence_end(text)
             if end < 40:
                 continue
             text = text[: end + 1]
