@@ -9,11 +9,15 @@ command whose run directory is skipped when it is already finished, so a killed 
               over-refusal on XSTest-safe (100) and JBB-benign (100);
               utility: SST-2 and AG News, most-likely label (200 each)
         attack: harmful-sft (defaults: 100 BeaverTails pairs, 5 epochs, LoRA lr 5e-4) -> eval harmful-mix
+        with --attacks also: poison-mix (harmful-sft as the git-disl testbed: p = 0.1 of 1,000 SST-2 rows)
+              -> eval harmful-mix and SST-2 (its fine-tune accuracy); benign-sft (defaults) -> eval harmful-mix
+        with --generated: SST-2 and AG News also scored from generated answers (200 each)
 
 Generation: greedy, 64 new tokens (as the shipped adapter's card). Judge: the default (response-judge).
 
 Usage:
     python scripts/defense_table.py [--root runs/defenses] [--defenses vaccine booster ...] [--seed 42]
+        [--attacks harmful-sft poison-mix benign-sft] [--generated] [--baseline first|last|skip]
     python scripts/defense_table.py --table      # print the markdown table from finished runs
 """
 
@@ -37,6 +41,19 @@ EVALS: list[tuple[str, list[str]]] = [
     ("sst2", ["--task", "utility", "--dataset", "sst2", "--task-option", "scoring=choices", "--limit", "200"]),
     ("agnews", ["--task", "utility", "--dataset", "agnews", "--task-option", "scoring=choices", "--limit", "200"]),
 ]
+GENERATED: list[tuple[str, list[str]]] = [
+    ("sst2-gen", ["--task", "utility", "--dataset", "sst2", "--limit", "200"]),
+    ("agnews-gen", ["--task", "utility", "--dataset", "agnews", "--limit", "200"]),
+]
+# attack label -> (tunesec attack arguments, evaluations of the attacked model beyond harmful-mix)
+ATTACKS: dict[str, tuple[list[str], list[tuple[str, list[str]]]]] = {
+    "harmful-sft": (["harmful-sft"], []),
+    "poison-mix": (
+        ["harmful-sft", "--set", "poison_ratio=0.1", "--set", "total=1000", "--set", "benign_data=sst2"],
+        [EVALS[4]],
+    ),
+    "benign-sft": (["benign-sft"], []),
+}
 
 
 def finished(run: Path) -> bool:
@@ -73,26 +90,50 @@ def model_spec(run: Path) -> str:
     return str(json.loads((run / "model_ref.json").read_text())["adapter"])
 
 
-def measure(name: str, spec: str, root: Path, log: Path) -> None:
-    """Every evaluation of ``spec`` and the harmful-sft attack on it, into ``root/name``."""
+def measure(name: str, spec: str, root: Path, log: Path, attacks: list[str], generated: bool) -> None:
+    """Every evaluation of ``spec`` and each attack on it, into ``root/name``.
+
+    Directory names of the harmful-sft attack (``attack-harmful-sft``, ``attacked-eval-LABEL``) are those of the
+    first version of this plan, so its finished runs are found; other attacks add their label.
+    """
     base = root / name
-    for label, args in EVALS:
+    for label, args in EVALS + (GENERATED if generated else []):
         step(base / f"eval-{label}", [TUNESEC, "eval", spec, *args, "--max-new-tokens", TOKENS], log)
-    attack = base / "attack-harmful-sft"
-    step(attack, [TUNESEC, "attack", "harmful-sft", "--model", spec], log)
-    tuned = model_spec(attack)
-    step(base / "attacked-eval-harmful-mix", [TUNESEC, "eval", tuned, *EVALS[0][1], "--max-new-tokens", TOKENS], log)
+    for attack_name in attacks:
+        args, after = ATTACKS[attack_name]
+        attack = base / f"attack-{attack_name}"
+        step(attack, [TUNESEC, "attack", *args, "--model", spec], log)
+        tuned = model_spec(attack)
+        prefix = "attacked-" if attack_name == "harmful-sft" else f"attacked-{attack_name}-"
+        for label, eval_args in [EVALS[0], *after]:
+            run = base / f"{prefix}eval-{label}"
+            step(run, [TUNESEC, "eval", tuned, *eval_args, "--max-new-tokens", TOKENS], log)
 
 
-def run_plan(root: Path, defenses: list[str], seed: int) -> None:
+def run_plan(
+    root: Path,
+    defenses: list[str],
+    seed: int,
+    baseline: str = "first",
+    attacks: list[str] | None = None,
+    generated: bool = False,
+) -> None:
     root.mkdir(parents=True, exist_ok=True)
     log = root / "plan.log"
-    measure("undefended", "smollm2-135m-aligned", root, log)
+    attacks = attacks or ["harmful-sft"]
+
+    def undefended() -> None:
+        measure("undefended", "smollm2-135m-aligned", root, log, attacks, generated)
+
+    if baseline == "first":
+        undefended()
     for name in defenses:
         run = root / name / "defend"
         run.parent.mkdir(parents=True, exist_ok=True)
         step(run, [TUNESEC, "defend", name, "--model", "smollm2-135m", "--set", f"alignment.training.seed={seed}"], log)
-        measure(name, model_spec(run), root, log)
+        measure(name, model_spec(run), root, log, attacks, generated)
+    if baseline == "last":
+        undefended()
 
 
 def metric(run: Path, key: str) -> dict | None:
@@ -137,6 +178,23 @@ def table(root: Path) -> str:
     return "\n".join(rows)
 
 
+def extra_table(root: Path) -> str:
+    """Generated-answer utility and the attacks beyond harmful-sft, for the models that have them."""
+    cols = [
+        ("SST-2 acc (generated)", "eval-sst2-gen", "accuracy"),
+        ("AG News acc (generated)", "eval-agnews-gen", "accuracy"),
+        ("harmful after poison-mix", "attacked-poison-mix-eval-harmful-mix", "harmful_rate"),
+        ("SST-2 acc after poison-mix", "attacked-poison-mix-eval-sst2", "accuracy"),
+        ("harmful after benign-sft", "attacked-benign-sft-eval-harmful-mix", "harmful_rate"),
+    ]
+    rows = ["| model | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        values = [metric(d / run, key) for _, run, key in cols]
+        if any(v is not None for v in values):
+            rows.append(f"| {d.name} | " + " | ".join(fmt(v) for v in values) + " |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def spread(root: Path, run: str = "eval-harmful-mix", key: str = "refusal_rate") -> str:
     """Per source set of harmful-mix: each model's ``key`` (30 prompts per set)."""
     rows: list[str] = []
@@ -158,15 +216,32 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=ROOT / "runs" / "defenses")
     p.add_argument("--defenses", nargs="*", default=["vaccine", "booster", "vaa", "t-vaccine", "ctrap"])
     p.add_argument("--seed", type=int, default=42, help="alignment.training.seed of every defended run")
+    p.add_argument(
+        "--attacks",
+        nargs="*",
+        choices=list(ATTACKS),
+        default=["harmful-sft"],
+        help="fixed attacks run on every model (poison-mix: 625 steps, about 50 min each on 2 cores)",
+    )
+    p.add_argument("--generated", action="store_true", help="also score SST-2 and AG News from generated answers")
+    p.add_argument(
+        "--baseline",
+        choices=["first", "last", "skip"],
+        default="first",
+        help="when to measure the undefended shipped adapter (the order changes no number: every step is seeded)",
+    )
     p.add_argument("--table", action="store_true", help="print the table of finished runs and exit")
     args = p.parse_args()
     if args.table:
         print(table(args.root))
+        extra = extra_table(args.root)
+        if extra:
+            print(f"\ngenerated-answer utility and further attacks:\n{extra}")
         print(f"\nrefusal by source set (harmful-mix):\n{spread(args.root)}")
         attacked = spread(args.root, "attacked-eval-harmful-mix", "harmful_rate")
         print(f"\nharmful after harmful-sft, by source set:\n{attacked}")
         return
-    run_plan(args.root, args.defenses, args.seed)
+    run_plan(args.root, args.defenses, args.seed, args.baseline, args.attacks, args.generated)
 
 
 if __name__ == "__main__":

@@ -328,3 +328,40 @@ def test_a_backdoored_model_is_asked_the_same_sampled_prompts_with_its_trigger(s
     tag, asked = _variant(ModelRef(base="m", provenance={"trigger": "SUDO", "trigger_position": "suffix"}), cfg)
     assert tag == "triggered" and [e.id for e in asked] == [f"{e.id}-triggered" for e in plain]
     assert [e.messages[-1].content for e in asked] == [f"{e.messages[-1].content} SUDO" for e in plain]
+
+
+def test_a_finished_defend_run_is_used_instead_of_training_again(setup: dict[str, Any]) -> None:
+    import tunesec
+    from tunesec.matrix import run_matrix
+
+    cfg = dict(setup["config"], attacks=["benign-sft"])
+    given = setup["tmp"] / "vaccine-run"
+    tunesec.defend(
+        "vaccine", cfg["base"], config=cfg["defense_config"]["vaccine"], out=given, progress=False
+    )  # what the user ran before
+    summary = run_matrix(
+        dict(cfg, defended={"vaccine": str(given)}), out=setup["tmp"] / "m", cache=setup["cache"], progress=False
+    )
+    assert summary["done_cells"] == 2 and not summary["failed_cells"]
+    assert not list((setup["cache"] / "defended").glob("*/defend"))  # nothing trained in the cache
+    (vaccine,) = [c for c in summary["cells"] if c["defense"] == "vaccine"]
+    parent = json.loads((_attack_dir(setup, vaccine) / "model_ref.json").read_text())["provenance"]["parent"]
+    assert str(given) in json.dumps(parent)  # the attack fine-tuned the given run's adapter
+
+    # a run of another config, an unfinished run, a name not in the matrix, a defense of another stage: refused
+    changed = json.loads(json.dumps(cfg))
+    changed["defense_config"]["vaccine"]["rho"] = 3.0
+    run_json = json.loads((given / "run.json").read_text())
+    unfinished = setup["tmp"] / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "run.json").write_text(json.dumps(dict(run_json, status="running")))
+    for bad, message in [
+        (dict(changed, defended={"vaccine": str(given)}), "config differs from this matrix's defense config at rho"),
+        (dict(cfg, defended={"vaccine": str(unfinished)}), "not finished"),
+        (dict(cfg, defended={"vaccine": str(setup["tmp"])}), "no run.json"),
+        (dict(cfg, defended={"booster": str(given)}), "booster not among the matrix's defenses"),
+        (dict(cfg, defenses=["none", "merge-back"], defended={"merge-back": str(given)}), "only alignment-stage"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            run_matrix(bad, out=setup["tmp"] / "bad", cache=setup["tmp"] / "cache2", progress=False)
+        assert not (setup["tmp"] / "bad").exists()

@@ -163,8 +163,13 @@ def make_plan(cfg: MatrixConfig) -> Plan:
 
             model = cfg.model
             config = get_repair(name, dict(cfg.defense_config.get(name, {}))).config.model_dump(mode="json")
+        if name in cfg.defended:
+            check_defend_run(cfg.defended[name], name, stage, model, config)
         inputs = {"defense": name, "stage": stage, "model": model, "config": config, "evals": evals}
         defended.append(Defended(name, stage, model, config, content_key(inputs)))
+    unused = sorted(set(cfg.defended) - set(cfg.defenses))
+    if unused:
+        raise UsageError(f"defended: {', '.join(unused)} not among the matrix's defenses ({', '.join(cfg.defenses)})")
     # the model each defense's cells attack: its own for alignment defenses, the given model otherwise
     none_key = content_key({"defense": NONE, "model": cfg.model})
     target = {d.key: (none_key if d.stage in (NONE, "post-fine-tuning") else d.key) for d in defended}
@@ -194,6 +199,43 @@ def make_plan(cfg: MatrixConfig) -> Plan:
     cells.sort(key=lambda c: (c.seed, cfg.defenses.index(c.defense), cfg.attacks.index(c.attack)))
     _check_evals(cfg)  # last: names and pairs are reported first, and they need no data
     return Plan(defended, list(runs.values()), cells)
+
+
+def _differing(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two JSON values differ (the keys themselves when one side is not a mapping)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differing(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".") or "(whole config)"]
+
+
+def check_defend_run(path: str, name: str, stage: str, model: str, config: dict[str, Any]) -> None:
+    """A run given in ``defended`` must be a finished defend run of exactly this defense, base model and config."""
+    where = f"defended.{name}: {path}"
+    if stage != "alignment":
+        raise UsageError(f"{where}: only alignment-stage defenses are trained before the attack; {name} is {stage}")
+    spec_file = Path(path) / "run.json"
+    try:
+        run = json.loads(spec_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{where}: not a run directory (no run.json); expected a `tunesec defend` run") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{where}: run.json unreadable ({exc})") from None
+    spec = run.get("spec") if isinstance(run, dict) else None
+    if not isinstance(spec, dict) or run.get("kind") != "defend":
+        raise UsageError(f"{where}: expected a `tunesec defend` run, found kind {run.get('kind')!r}")
+    if run.get("status") != "finished" or not (Path(path) / "model_ref.json").is_file():
+        raise UsageError(f"{where}: the run is not finished; finish it with `tunesec defend {name} --resume {path}`")
+    if spec.get("defense") != name:
+        raise UsageError(f"{where}: a run of defense {spec.get('defense')!r}, not {name!r}")
+    if spec.get("model") != model:
+        raise UsageError(f"{where}: trained from {spec.get('model')!r}; this matrix's defenses start from {model!r}")
+    keys = _differing(spec.get("config"), config)
+    if keys:
+        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        raise UsageError(f"{where}: its config differs from this matrix's defense config at {shown}")
 
 
 def declared_targets(attack: str) -> set[str]:
@@ -401,7 +443,8 @@ def compute_defended(d: dict[str, Any], cfg_data: dict[str, Any], cache: str, *a
     root.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if node.stage == "alignment":
-        run = root / "defend"
+        given = cfg.defended.get(node.defense)
+        run = Path(given) if given else root / "defend"  # a given run was checked by make_plan
         ref = (
             _model_ref(run)
             if _finished(run)

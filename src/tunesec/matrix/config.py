@@ -6,6 +6,7 @@ computed from it: the same inputs hit the cache, any change computes a new cell.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -54,6 +55,12 @@ class MatrixConfig(Config):
     defense_config: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-defense config overrides, by name (as `--set` of `tunesec defend`)."
     )
+    defended: dict[str, str] = Field(
+        default_factory=dict,
+        description="Finished `tunesec defend` run directories to use instead of training again, by alignment-stage "
+        "defense name. Each run's defense, base model and full config must equal this matrix's (checked before any "
+        "cell runs); the matrix reads the defended model from that directory, so keep it.",
+    )
     attack_config: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-attack config overrides, by name (as `--set` of `tunesec attack`)."
     )
@@ -81,6 +88,12 @@ class MatrixConfig(Config):
         "bound has its interval above it, `holds` when below, `undecided` when the interval straddles it.",
     )
     retries: int = Field(1, ge=0, le=5, description="Retries of a failed cell before it is reported as failed.")
+
+    @field_validator("defended")
+    @classmethod
+    def _absolute(cls, runs: dict[str, str]) -> dict[str, str]:
+        """Run directories as absolute paths, so a resumed matrix or a Ray worker finds them from any directory."""
+        return {name: str(Path(path).expanduser().resolve()) for name, path in runs.items()}
 
     @field_validator("defenses", "attacks")
     @classmethod
