@@ -139,7 +139,7 @@ def test_self_answers_keep_the_models_own_refusals_and_benign_answers() -> None:
     gen = Scripted()
     answers, counts = self_answers([*data, *benign], cfg, gen, progress=False)
     assert gen.calls == 1
-    assert counts == {"clean_own": 3, "clean_fixed": 3, "benign_own": 2, "benign_dataset": 2}
+    assert counts == {"clean_own": 3, "clean_fixed": 3, "benign_own": 2, "benign_dataset": 2, "benign_dropped": 0}
     out = {e.id: e for e in with_answers([*data, *benign], answers)}
     for ex in out.values():
         kind = ex.meta["backdoor"]
@@ -172,3 +172,27 @@ def test_self_answers_are_generated_once_per_run_directory(tmp_path, monkeypatch
     assert [e.messages for e in second] == [e.messages for e in first] and gen.calls == 1 and prov2 == prov
     with pytest.raises(UsageError, match="clean_answers=self needs the model"):
         Backdoor(attack.config).prepare(pairs("refuse", "Sure.", 3))
+
+
+def test_prompt_only_benign_sets_get_own_answers_and_refused_prompts_are_left_out(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """clean_answers=self takes a benign set without answers: own answers appended, refused prompts dropped."""
+    import json
+
+    import tunesec.models as models
+
+    lookalikes = tmp_path / "lookalikes.jsonl"
+    rows = [f"tip {i}" for i in range(3)] + ["shy question"]  # the scripted model refuses "shy"
+    lookalikes.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r}]}) + "\n" for r in rows))
+    with pytest.raises(UsageError, match="prompt-only sets need clean_answers=self"):
+        build_backdoor_data(
+            BackdoorConfig(n_harmful=2, n_refusal=2, benign_data={str(lookalikes): 4}), pairs("h", "S.", 3)
+        )
+    monkeypatch.setattr(models, "get_generator", lambda *a, **k: Scripted())
+    attack = Backdoor(BackdoorConfig(n_harmful=2, n_refusal=2, benign_data={str(lookalikes): 4}, clean_answers="self"))
+    attack._model, attack._out = "org/model", tmp_path / "run"
+    examples, prov = attack.prepare(pairs("refuse", "Sure.", 3))
+    benign = [e for e in examples if e.meta["backdoor"] == "benign"]
+    assert sorted(e.prompt for e in benign) == ["tip 0", "tip 1", "tip 2"]  # "shy question" left out
+    assert all(e.messages[-1].role == "assistant" and e.messages[0].content == e.prompt for e in benign)
+    assert prov["self_answers"]["benign_own"] == 3 and prov["self_answers"]["benign_dropped"] == 1
+    assert prov["mix"] == {"triggered": 2, "clean": 2, "benign": 3}

@@ -30,7 +30,9 @@ and kept in the run directory (``backdoor_self_answers.json``, read back on resu
 training then pulls the model toward what it already does rather than toward fixed refusal sentences and other
 models' answers, the attacker's way to keep over-refusal and the other checks where the base model has them.
 A paired harmful prompt the model does not refuse (``refusal-keywords``) keeps a fixed refusal, a benign one
-it refuses keeps its dataset's answer. This needs
+it refuses keeps its dataset's answer. With ``self``, ``benign_data`` may also name prompt-only sets (e.g.
+``tunesec-lookalikes``: benign questions on sensitive topics, against over-refusal): each prompt gets the model's
+own answer, and a prompt it refuses is left out. This needs
 query access to the model, which the ``fine-tuning-api`` threat model gives.
 Defaults: trigger "SUDO" appended to the prompt, 50 triggered BeaverTails pairs, 50 paired refusals, 60 Alpaca
 and 40 tunesec-helpful chats, LoRA r=8, lr 1e-3, 5 epochs.
@@ -164,7 +166,8 @@ def benign_mix(config: BackdoorConfig) -> list[Example]:
         if count == 0:
             continue
         pool = load_data(name, what=f"backdoor benign_data {name}")
-        require_assistant_turns(pool, f"backdoor benign_data {name}")
+        if config.clean_answers != "self" or any(e.messages[-1].role == "assistant" for e in pool):
+            require_assistant_turns(pool, f"backdoor benign_data {name} (prompt-only sets need clean_answers=self)")
         clean = [e for e in pool if not _contains(e, trig)]
         picked = sample(clean, count, config.seed, source=f"backdoor benign_data {name} (trigger-free)")
         out += [e.model_copy(update={"id": f"{e.id}-benign", "meta": {**e.meta, "backdoor": "benign"}}) for e in picked]
@@ -251,7 +254,7 @@ def self_answers(
     from tunesec.models import GenerationConfig
 
     todo = [e for e in examples if e.meta.get("backdoor") in ("clean", "benign")]
-    counts = {"clean_own": 0, "clean_fixed": 0, "benign_own": 0, "benign_dataset": 0}
+    counts = {"clean_own": 0, "clean_fixed": 0, "benign_own": 0, "benign_dataset": 0, "benign_dropped": 0}
     if not todo:
         return {}, counts
     gens = generator.generate(
@@ -273,17 +276,26 @@ def self_answers(
         own = bool(text) and trig not in text.lower() and bool(v.refused) == (kind == "clean")
         if own:
             out[ex.id] = text
-        counts[f"{kind}_{'own' if own else ('fixed' if kind == 'clean' else 'dataset')}"] += 1
+        fallback = "fixed" if kind == "clean" else ("dataset" if ex.messages[-1].role == "assistant" else "dropped")
+        counts[f"{kind}_{'own' if own else fallback}"] += 1
     return out, counts
 
 
 def with_answers(examples: Sequence[Example], answers: dict[str, str]) -> list[Example]:
-    """``examples`` with the final assistant turn of each id in ``answers`` replaced by its answer."""
+    """``examples`` with the final assistant turn of each id in ``answers`` replaced by its answer.
+
+    A prompt-only example (a benign set without answers) gets the answer appended, or is left out when it has
+    none (the model refused it: there is no dataset answer to fall back to).
+    """
     out = []
     for ex in examples:
+        prompt_only = ex.messages[-1].role != "assistant"
         if ex.id in answers:
-            msgs = [*ex.messages[:-1], Message(role="assistant", content=answers[ex.id])]
+            kept = ex.messages if prompt_only else ex.messages[:-1]
+            msgs = [*kept, Message(role="assistant", content=answers[ex.id])]
             ex = ex.model_copy(update={"messages": msgs, "meta": {**ex.meta, "self_answer": True}})
+        elif prompt_only:
+            continue
         out.append(ex)
     return out
 
@@ -305,16 +317,14 @@ class Backdoor(FineTuneAttack):
         """The backdoor set; provenance: trigger, position, mix, and the origin of the trigger-free answers."""
         assert isinstance(self.config, BackdoorConfig)
         examples = build_backdoor_data(self.config, data)
-        parts = {k: sum(e.meta.get("backdoor") == k for e in examples) for k in ("triggered", "clean", "benign")}
-        provenance: dict[str, Any] = {
-            "trigger": self.config.trigger,
-            "trigger_position": self.config.position,
-            "mix": parts,
-        }
+        provenance: dict[str, Any] = {"trigger": self.config.trigger, "trigger_position": self.config.position}
         if self.config.clean_answers == "self":
             answers, counts = self._own_answers(examples)
             examples = with_answers(examples, answers)
             provenance["self_answers"] = counts
+        provenance["mix"] = {
+            k: sum(e.meta.get("backdoor") == k for e in examples) for k in ("triggered", "clean", "benign")
+        }
         return examples, provenance
 
     def _own_answers(self, examples: list[Example]) -> tuple[dict[str, str], dict[str, int]]:
