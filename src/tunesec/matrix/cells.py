@@ -223,7 +223,8 @@ def check_defend_run(path: str, name: str, stage: str, model: str, config: dict[
         raise UsageError(f"{where}: not a run directory (no run.json); expected a `tunesec defend` run") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"{where}: run.json unreadable ({exc})") from None
-    spec = run.get("spec") if isinstance(run, dict) else None
+    run = run if isinstance(run, dict) else {}
+    spec = run.get("spec")
     if not isinstance(spec, dict) or run.get("kind") != "defend":
         raise UsageError(f"{where}: expected a `tunesec defend` run, found kind {run.get('kind')!r}")
     if run.get("status") != "finished" or not (Path(path) / "model_ref.json").is_file():
