@@ -9,7 +9,7 @@ command whose run directory is skipped when it is already finished, so a killed 
               over-refusal on XSTest-safe (100) and JBB-benign (100);
               utility: SST-2 and AG News, most-likely label (200 each)
         attack: harmful-sft (defaults: 100 BeaverTails pairs, 5 epochs, LoRA lr 5e-4) -> eval harmful-mix
-        with --attacks also: poison-mix (harmful-sft as the git-disl testbed: p = 0.1 of 1,000 SST-2 rows)
+        with --attacks also: poison-mix (harmful-sft on the git-disl testbed's file: p = 0.1 of 1,000 SST-2 rows)
               -> eval harmful-mix and SST-2 (its fine-tune accuracy); benign-sft (defaults) -> eval harmful-mix
         with --generated: SST-2 and AG News also scored from generated answers (200 each)
 
@@ -45,13 +45,14 @@ GENERATED: list[tuple[str, list[str]]] = [
     ("sst2-gen", ["--task", "utility", "--dataset", "sst2", "--limit", "200"]),
     ("agnews-gen", ["--task", "utility", "--dataset", "agnews", "--limit", "200"]),
 ]
+POISON_MIX = ROOT.parent / "shared" / "data" / "beavertails_mixed_xinykou" / "sst2" / "train_merged_n1000_p0.1.json"
 # attack label -> (tunesec attack arguments, evaluations of the attacked model beyond harmful-mix)
 ATTACKS: dict[str, tuple[list[str], list[tuple[str, list[str]]]]] = {
     "harmful-sft": (["harmful-sft"], []),
-    "poison-mix": (
-        ["harmful-sft", "--set", "poison_ratio=0.1", "--set", "total=1000", "--set", "benign_data=sst2"],
-        [EVALS[4]],
-    ),
+    # the git-disl testbed's own p = 0.1 file (900 SST-2 training rows + 100 BeaverTails harmful answers), all of
+    # it, with harmful-sft's training (5 epochs, lr 5e-4: 625 steps); `benign_data=sst2` would read the SST-2 test
+    # sentences, which have no answers and are the ones FA is measured on
+    "poison-mix": (["harmful-sft", "--set", f"data={POISON_MIX}", "--set", "n_harmful=null"], [EVALS[4]]),
     "benign-sft": (["benign-sft"], []),
 }
 
