@@ -362,7 +362,7 @@ def test_a_finished_defend_run_is_used_instead_of_training_again(setup: dict[str
         (dict(changed, defended={"vaccine": str(given)}), "config differs from this matrix's defense config at rho"),
         (dict(cfg, defended={"vaccine": str(unfinished)}), "not finished"),
         (dict(cfg, defended={"vaccine": str(setup["tmp"])}), "no run.json"),
-        (dict(cfg, defended={"vaccine": str(not_a_run)}), "expected a `tunesec defend` run, found kind None"),
+        (dict(cfg, defended={"vaccine": str(not_a_run)}), "run.json: expected a JSON object"),
         (dict(cfg, defended={"booster": str(given)}), "booster not among the matrix's defenses"),
         (dict(cfg, defenses=["none", "merge-back"], defended={"merge-back": str(given)}), "only alignment-stage"),
     ]:

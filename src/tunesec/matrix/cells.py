@@ -216,18 +216,16 @@ def check_defend_run(path: str, name: str, stage: str, model: str, config: dict[
     where = f"defended.{name}: {path}"
     if stage != "alignment":
         raise UsageError(f"{where}: only alignment-stage defenses are trained before the attack; {name} is {stage}")
-    spec_file = Path(path) / "run.json"
+    from tunesec.store.run import RunDir
+
     try:
-        run = json.loads(spec_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{where}: not a run directory (no run.json); expected a `tunesec defend` run") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{where}: run.json unreadable ({exc})") from None
-    run = run if isinstance(run, dict) else {}
-    spec = run.get("spec")
-    if not isinstance(spec, dict) or run.get("kind") != "defend":
-        raise UsageError(f"{where}: expected a `tunesec defend` run, found kind {run.get('kind')!r}")
-    if run.get("status") != "finished" or not (Path(path) / "model_ref.json").is_file():
+        run = RunDir.open(path)
+    except UsageError as exc:
+        raise UsageError(f"defended.{name}: {exc} (a `tunesec defend` run directory is expected)") from None
+    spec = run.spec
+    if run.meta.get("kind") != "defend":
+        raise UsageError(f"{where}: expected a `tunesec defend` run, found kind {run.meta.get('kind')!r}")
+    if not run.finished or not (run.path / "model_ref.json").is_file():
         raise UsageError(f"{where}: the run is not finished; finish it with `tunesec defend {name} --resume {path}`")
     if spec.get("defense") != name:
         raise UsageError(f"{where}: a run of defense {spec.get('defense')!r}, not {name!r}")
