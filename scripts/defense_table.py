@@ -152,48 +152,44 @@ def fmt(m: dict | None) -> str:
     return f"{100 * m['value']:.0f} [{100 * m['ci_low']:.0f}, {100 * m['ci_high']:.0f}]"
 
 
-def table(root: Path) -> str:
-    """The markdown table of every model measured under ``root``."""
-    head = (
-        "| model | refusal, harmful-mix | harmful, harmful-mix | refusal, AdvBench | over-refusal XSTest-safe "
-        "| over-refusal JBB-benign "
-        "| SST-2 acc | AG News acc | harmful after harmful-sft | refusal after harmful-sft | train s |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
-    )
-    rows = [head]
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        train_s = ""
-        ref = d / "defend" / "model_ref.json"
-        if ref.is_file():
-            train_s = str(json.loads(ref.read_text())["provenance"]["train"]["seconds"])
-        rows.append(
-            f"| {d.name} | {fmt(metric(d / 'eval-harmful-mix', 'refusal_rate'))} "
-            f"| {fmt(metric(d / 'eval-harmful-mix', 'harmful_rate'))} "
-            f"| {fmt(metric(d / 'eval-advbench', 'refusal_rate'))} "
-            f"| {fmt(metric(d / 'eval-xstest-safe', 'refusal_rate'))} "
-            f"| {fmt(metric(d / 'eval-jbb-benign', 'refusal_rate'))} "
-            f"| {fmt(metric(d / 'eval-sst2', 'accuracy'))} | {fmt(metric(d / 'eval-agnews', 'accuracy'))} "
-            f"| {fmt(metric(d / 'attacked-eval-harmful-mix', 'harmful_rate'))} "
-            f"| {fmt(metric(d / 'attacked-eval-harmful-mix', 'refusal_rate'))} | {train_s} |"
-        )
-    return "\n".join(rows)
+# (column title, run directory under the model's, metric) of the main table and of the further-attacks table
+MAIN = [
+    ("refusal, harmful-mix", "eval-harmful-mix", "refusal_rate"),
+    ("harmful, harmful-mix", "eval-harmful-mix", "harmful_rate"),
+    ("refusal, AdvBench", "eval-advbench", "refusal_rate"),
+    ("over-refusal XSTest-safe", "eval-xstest-safe", "refusal_rate"),
+    ("over-refusal JBB-benign", "eval-jbb-benign", "refusal_rate"),
+    ("SST-2 acc", "eval-sst2", "accuracy"),
+    ("AG News acc", "eval-agnews", "accuracy"),
+    ("harmful after harmful-sft", "attacked-eval-harmful-mix", "harmful_rate"),
+    ("refusal after harmful-sft", "attacked-eval-harmful-mix", "refusal_rate"),
+]
+EXTRA = [
+    ("SST-2 acc (generated)", "eval-sst2-gen", "accuracy"),
+    ("AG News acc (generated)", "eval-agnews-gen", "accuracy"),
+    ("harmful after poison-mix", "attacked-poison-mix-eval-harmful-mix", "harmful_rate"),
+    ("SST-2 acc after poison-mix", "attacked-poison-mix-eval-sst2", "accuracy"),
+    ("harmful after benign-sft", "attacked-benign-sft-eval-harmful-mix", "harmful_rate"),
+]
 
 
-def extra_table(root: Path) -> str:
-    """Generated-answer utility and the attacks beyond harmful-sft, for the models that have them."""
-    cols = [
-        ("SST-2 acc (generated)", "eval-sst2-gen", "accuracy"),
-        ("AG News acc (generated)", "eval-agnews-gen", "accuracy"),
-        ("harmful after poison-mix", "attacked-poison-mix-eval-harmful-mix", "harmful_rate"),
-        ("SST-2 acc after poison-mix", "attacked-poison-mix-eval-sst2", "accuracy"),
-        ("harmful after benign-sft", "attacked-benign-sft-eval-harmful-mix", "harmful_rate"),
-    ]
-    rows = ["| model | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+def train_seconds(d: Path) -> str:
+    ref = d / "defend" / "model_ref.json"
+    return str(json.loads(ref.read_text())["provenance"]["train"]["seconds"]) if ref.is_file() else ""
+
+
+def table(root: Path, cols: list[tuple[str, str, str]] = MAIN, *, all_rows: bool = True) -> str:
+    """The markdown table of ``cols`` for the models under ``root`` (``all_rows=False``: those with any value);
+    the main table also gives each defended model's training seconds."""
+    main = cols is MAIN
+    titles = [c[0] for c in cols] + (["train s"] if main else [])
+    rows = ["| model | " + " | ".join(titles) + " |", "|---|" + "---|" * len(titles)]
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         values = [metric(d / run, key) for _, run, key in cols]
-        if any(v is not None for v in values):
-            rows.append(f"| {d.name} | " + " | ".join(fmt(v) for v in values) + " |")
-    return "\n".join(rows) if len(rows) > 2 else ""
+        if all_rows or any(v is not None for v in values):
+            cells = [fmt(v) for v in values] + ([train_seconds(d)] if main else [])
+            rows.append(f"| {d.name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) if len(rows) > 2 or all_rows else ""
 
 
 def spread(root: Path, run: str = "eval-harmful-mix", key: str = "refusal_rate") -> str:
@@ -235,7 +231,7 @@ def main() -> None:
     args = p.parse_args()
     if args.table:
         print(table(args.root))
-        extra = extra_table(args.root)
+        extra = table(args.root, EXTRA, all_rows=False)
         if extra:
             print(f"\ngenerated-answer utility and further attacks:\n{extra}")
         print(f"\nrefusal by source set (harmful-mix):\n{spread(args.root)}")
