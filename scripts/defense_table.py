@@ -166,10 +166,13 @@ MAIN = [
 ]
 EXTRA = [
     ("SST-2 acc (generated)", "eval-sst2-gen", "accuracy"),
+    ("SST-2 no label", "eval-sst2-gen", "unparsed_rate"),
     ("AG News acc (generated)", "eval-agnews-gen", "accuracy"),
+    ("AG News no label", "eval-agnews-gen", "unparsed_rate"),
     ("harmful after poison-mix", "attacked-poison-mix-eval-harmful-mix", "harmful_rate"),
     ("SST-2 acc after poison-mix", "attacked-poison-mix-eval-sst2", "accuracy"),
     ("harmful after benign-sft", "attacked-benign-sft-eval-harmful-mix", "harmful_rate"),
+    ("refusal after benign-sft", "attacked-benign-sft-eval-harmful-mix", "refusal_rate"),
 ]
 
 
