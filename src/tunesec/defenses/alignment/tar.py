@@ -23,7 +23,8 @@ from the attacks' data); the start model for the anchor is the weights before th
 directory for resume). CPU-sized (the paper: K = 64 inner steps, a meta-gradient every 4th, 750 outer steps on 8
 A100s, ~81 forward-backward passes per step): K = 2 inner steps with one meta-gradient at the last, adversary
 learning rates {1e-4, 5e-4, 1e-3} (the LoRA attack's 5e-4 in the middle; the paper's {2e-6, 2e-5, 4e-5} are for
-full fine-tuning), about 4.3 passes per step, so the recipe's 155 steps fit in under an hour on 2 cores.
+full fine-tuning), about 4.3 passes per step. The recipe's 155 steps project to about 36 minutes on the 2-core machine
+of 2026-12-02 (8-step benchmark) but ran at 42 s per step (about 110 minutes) on an AVX2-only one (docs/DEFENSES.md).
 """
 
 from __future__ import annotations
