@@ -221,6 +221,10 @@ def neither(root: Path, run: str = "eval-advbench", threshold: float = 0.25) -> 
     from tunesec.evals.metrics import wilson_interval
     from tunesec.judges.classifier import get_embedder
 
+    def cell(k: int, n: int) -> str:
+        lo, hi = wilson_interval(k, n) if n else (0.0, 0.0)
+        return f"{k}/{n}: {100 * k / max(n, 1):.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
     rows = [
         "| model | neither refusal nor harmful | of those, off the topic (cosine <= 0.25) |",
         "|---|---|---|",
@@ -239,10 +243,6 @@ def neither(root: Path, run: str = "eval-advbench", threshold: float = 0.25) -> 
             ep = embedder.encode([r["prompt"] for r in both])
             er = embedder.encode([r["response"] for r in both])
             off = int(((ep * er).sum(axis=1) <= threshold).sum())
-
-        def cell(k: int, n: int) -> str:
-            lo, hi = wilson_interval(k, n) if n else (0.0, 0.0)
-            return f"{k}/{n}: {100 * k / max(n, 1):.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
         rows.append(f"| {d.name} | {cell(len(both), len(recs))} | {cell(off, len(both))} |")
     return "\n".join(rows) if len(rows) > 2 else ""
