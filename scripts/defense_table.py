@@ -226,7 +226,7 @@ def neither(root: Path, run: str = "eval-advbench", threshold: float = 0.25) -> 
         return f"{k}/{n}: {100 * k / max(n, 1):.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
     rows = [
-        "| model | neither refusal nor harmful | of those, off the topic (cosine <= 0.25) |",
+        f"| model | neither refusal nor harmful | of those, off the topic (cosine <= {threshold}) |",
         "|---|---|---|",
     ]
     embedder = None
@@ -243,7 +243,6 @@ def neither(root: Path, run: str = "eval-advbench", threshold: float = 0.25) -> 
             ep = embedder.encode([r["prompt"] for r in both])
             er = embedder.encode([r["response"] for r in both])
             off = int(((ep * er).sum(axis=1) <= threshold).sum())
-
         rows.append(f"| {d.name} | {cell(len(both), len(recs))} | {cell(off, len(both))} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
