@@ -344,6 +344,10 @@ def test_representation_defenses_resume_to_the_same_weights(tmp_path: Path, name
         progress=False,
     )
     straight = run("a", [hook()])
+    measured = {"tar": {"tamper_loss", "adversary_lr", "anchor"}, "repnoise": {"mmd", "harmful_ce"}}
+    keys = {f"{name}/{k}" for k in measured.get(name, {"unlearn", "cos"})}
+    assert set(straight.metrics.hook_metrics) == keys  # the terms are logged, a value at every step
+    assert all(len(v) == 4 and None not in v for v in straight.metrics.hook_metrics.values())
     with pytest.raises(KeyboardInterrupt):
         run("b", [hook(), _Kill(at_call=3)])
     resumed = run("b", [hook()], resume=True)

@@ -238,3 +238,46 @@ def test_the_documented_example_hook_runs(tmp_path: Path, baseline: dict) -> Non
     hook = namespace["AlignmentMixing"](weight=0.5)
     params = _params(_run(tmp_path, "doc", hooks=[hook]))
     assert _differs(params, baseline)
+
+
+class Measuring(TrainingHook):
+    """Measures the micro-batch's count (1, 2, 3, ...) every micro-batch, and 'odd' only on odd steps."""
+
+    name = "measure"
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.last: dict[str, float] = {}
+
+    def setup(self, ctx: HookContext) -> None:
+        self.ctx = ctx
+
+    def after_step(self, model) -> None:
+        self.n += 1
+        self.last["count"] = float(self.n)
+        if self.ctx.clock.step % 2 == 1:
+            self.last["odd"] = float(self.ctx.clock.step)
+
+    def pop_metrics(self) -> dict[str, float]:
+        out, self.last = self.last, {}
+        return out
+
+
+def test_hook_metrics_are_averaged_per_step_and_per_log(tmp_path: Path) -> None:
+    import json
+
+    result = _run(
+        tmp_path, "m", hooks=[Measuring()], max_steps=4, per_device_batch_size=2, gradient_accumulation_steps=2,
+        logging_steps=2, save_steps=2,
+    )  # fmt: skip
+    m = result.metrics.hook_metrics
+    # micro-batches 1-2 are step 1's, 3-4 step 2's, ...: the step means are 1.5, 3.5, 5.5, 7.5
+    assert m["measure/count"] == [1.5, 3.5, 5.5, 7.5]
+    # clock.step is the step about to be taken (0-based): measured on the 2nd and 4th steps only
+    assert m["measure/odd"] == [None, 1.0, None, 3.0]
+    saved = json.loads((tmp_path / "m" / "train_metrics.json").read_text())
+    assert saved["hook_metrics"] == m
+    state = json.loads(next((tmp_path / "m").rglob("checkpoint-4/trainer_state.json")).read_text())
+    logs = [r for r in state["log_history"] if "loss" in r]
+    assert [r["measure/count"] for r in logs] == [2.5, 6.5]  # the mean over each 2-step logging interval
+    assert [r["measure/odd"] for r in logs] == [1.0, 3.0]

@@ -52,7 +52,12 @@ class LoadedModelLike(Protocol):
 
 @dataclass
 class TrainMetrics:
-    """Measurements of one training call (steps done in this call, after a resume only the new ones)."""
+    """Measurements of one training call (steps done in this call, after a resume only the new ones).
+
+    ``losses`` holds each optimizer step's language-modelling loss; ``hook_metrics`` each hook measurement
+    (:meth:`~tunesec.training.hooks.TrainingHook.pop_metrics`, ``"<hook>/<key>"``) per step, ``None`` where a
+    step did not measure it.
+    """
 
     losses: list[float] = field(default_factory=list)
     start_step: int = 0
@@ -66,6 +71,7 @@ class TrainMetrics:
     trainable_parameters: int = 0
     total_parameters: int = 0
     target_modules: list[str] = field(default_factory=list)
+    hook_metrics: dict[str, list[float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -298,6 +304,7 @@ def train(
         trainable_parameters=sum(p.numel() for p in trainable.parameters() if p.requires_grad),
         total_parameters=sum(p.numel() for p in trainable.parameters()),
         target_modules=targets,
+        hook_metrics=callback.hook_metrics,
     )
     if main:
         atomic_write_json(out / METRICS_FILE, asdict(metrics))

@@ -16,6 +16,7 @@ Typical uses:
     - ``substitute_batch``: train a micro-batch of the hook's choosing instead of the loader's (VAA's group
       sampling, Lisa's alignment phase).
     - ``state_dict``/``load_state_dict``: state saved with every checkpoint and restored on resume.
+    - ``pop_metrics``: the hook's own measurements (a term's value), logged per step next to the loss.
 
 :mod:`tunesec.training.steps` has the pieces these methods are made of: extra gradients at perturbed weights,
 activation taps on named modules, weight snapshots, the step clock.
@@ -159,6 +160,15 @@ class TrainingHook:
     def lr_scale(self, step: int) -> float:
         """A factor on the scheduler's learning rate for optimizer step ``step`` (Kick-Settle's kick); 1 = unchanged."""
         return 1.0
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Scalars measured since the last call (e.g. TAR's tamper-resistance loss), keyed by a short name.
+
+        The engine calls this after every micro-batch and averages the values over each optimizer step into
+        ``train_metrics.json`` (``hook_metrics``, as ``"<hook name>/<key>"``) and over each logging interval into
+        the trainer's log history, so a defense's own terms can be followed next to the loss.
+        """
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state written with every checkpoint (e.g. a sampler's weights); see :meth:`load_state_dict`."""

@@ -106,6 +106,9 @@ class HookedTrainer(Trainer):
         self.step_lm_loss = torch.zeros(())
         self.tokens_seen = 0
         self.micro_index = 0  # micro-batch within the optimizer step (reset when the step's batches are fetched)
+        # the hooks' own measurements (pop_metrics): this optimizer step's, and those since the last log
+        self.step_hook_metrics: dict[str, list[float]] = {}
+        self.log_hook_metrics: dict[str, list[float]] = {}
 
     def get_batch_samples(
         self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device
@@ -203,7 +206,25 @@ class HookedTrainer(Trainer):
         else:
             for hook in self.hooks:
                 hook.after_step(inner)
+        for hook in self.hooks:
+            for key, value in hook.pop_metrics().items():
+                name = f"{hook.name}/{key}"
+                self.step_hook_metrics.setdefault(name, []).append(float(value))
+                self.log_hook_metrics.setdefault(name, []).append(float(value))
         return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The trainer's log, with the hooks' measurements averaged since the last training log added."""
+        if "loss" in logs and self.log_hook_metrics:
+            logs.update({k: sum(v) / len(v) for k, v in self.log_hook_metrics.items()})
+            self.log_hook_metrics = {}
+        super().log(logs, start_time)
+
+    def pop_step_hook_metrics(self) -> dict[str, float]:
+        """The hooks' measurements of the optimizer step just finished, averaged over its micro-batches (and reset)."""
+        means = {k: sum(v) / len(v) for k, v in self.step_hook_metrics.items()}
+        self.step_hook_metrics = {}
+        return means
 
     def _save_rng_state(self, output_dir: str) -> None:
         """Save every rank's RNG state; with several processes rank 0 gathers them and writes one file per rank."""
@@ -299,6 +320,7 @@ class EngineCallback(TrainerCallback):
         self.show_progress = progress
         self.trainer: HookedTrainer | None = None
         self.losses: list[float] = []
+        self.hook_metrics: dict[str, list[float | None]] = {}  # per step, aligned with losses (None: not measured)
         self.start_step = 0
         self.started = 0.0
         self.seconds = 0.0
@@ -365,6 +387,11 @@ class EngineCallback(TrainerCallback):
         """Record the step's loss and advance the bar."""
         if self.trainer is not None:
             self.losses.append(self.trainer.pop_step_loss())
+            measured = self.trainer.pop_step_hook_metrics()
+            for key in measured:
+                self.hook_metrics.setdefault(key, [None] * (len(self.losses) - 1))
+            for key, series in self.hook_metrics.items():
+                series.append(measured.get(key))
         if self._bar is not None:
             self._bar.update(self._task, completed=state.global_step, loss=f"{self.losses[-1]:.4f}")
 

@@ -75,6 +75,11 @@ class RepresentationNoise(TrainingHook):
         self.alpha, self.beta, self.lens_tokens, self.batch_size = alpha, beta, lens_tokens, batch_size
         self.last: dict[str, float] = {}
 
+    def pop_metrics(self) -> dict[str, float]:
+        """Measured since the last call: the MMD to noise and the harmful answers' logit-lens cross-entropy."""
+        out, self.last = self.last, {}
+        return out
+
     def setup(self, ctx: HookContext) -> None:
         """Cycle over the harmful pairs."""
         self.ctx = ctx

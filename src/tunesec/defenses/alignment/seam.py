@@ -91,6 +91,11 @@ class SelfDestruction(GradientTermHook):
         self.lens_tokens, self.batch_size = lens_tokens, batch_size
         self.last: dict[str, float] = {}
 
+    def pop_metrics(self) -> dict[str, float]:
+        """Measured since the last call: the unlearning loss, the cosine of the harmful and benign gradients."""
+        out, self.last = self.last, {}
+        return out
+
     def setup(self, ctx: HookContext) -> None:
         """Cycle over the harmful pairs and the benign examples."""
         self.ctx = ctx

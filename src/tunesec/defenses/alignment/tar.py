@@ -104,6 +104,11 @@ class TamperResistance(GradientTermHook):
         self._ref_hidden: list[Any] | None = None
         self.last: dict[str, float] = {}
 
+    def pop_metrics(self) -> dict[str, float]:
+        """Measured since the last call: L_TR at the attacked weights, the adversary's learning rate, the anchor."""
+        out, self.last = self.last, {}
+        return out
+
     def setup(self, ctx: HookContext) -> None:
         """Streams over the forget pairs (the attacker's) and the held-out forget pairs (L_TR's)."""
         self.ctx = ctx
