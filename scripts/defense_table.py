@@ -247,6 +247,35 @@ def neither(root: Path, run: str = "eval-advbench", threshold: float = 0.25) -> 
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
+COLLAPSE_RUNS = [
+    ("harmful-mix", "eval-harmful-mix"),
+    ("AdvBench", "eval-advbench"),
+    ("XSTest-safe", "eval-xstest-safe"),
+    ("JBB-benign", "eval-jbb-benign"),
+    ("harmful-mix after harmful-sft", "attacked-eval-harmful-mix"),
+    ("harmful-mix after benign-sft", "attacked-benign-sft-eval-harmful-mix"),
+]
+
+
+def collapse(root: Path) -> str:
+    """Per model and set: collapsed answers (``is_degenerate``, computed from the records, so older runs too),
+    and on the harmful sets how many of the judged-harmful answers are collapsed text."""
+    from tunesec.evals.tasks import is_degenerate
+
+    rows = ["| model | set | collapsed | judged harmful, of which collapsed |", "|---|---|---|---|"]
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        for label, run in COLLAPSE_RUNS:
+            path = d / run / "records.jsonl"
+            if not path.is_file():
+                continue
+            recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            bad = [is_degenerate(r["response"]) for r in recs]
+            harmful = [b for r, b in zip(recs, bad, strict=True) if r.get("harmful") and not r.get("unparsed")]
+            judged = f"{sum(harmful)}/{len(harmful)}" if "harmful" in recs[0] else "-"
+            rows.append(f"| {d.name} | {label} | {sum(bad)}/{len(recs)} | {judged} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=ROOT / "runs" / "defenses")
@@ -279,6 +308,9 @@ def main() -> None:
         answers = neither(args.root)
         if answers:
             print(f"\nAdvBench answers neither refused nor harmful:\n{answers}")
+        collapsed = collapse(args.root)
+        if collapsed:
+            print(f"\ncollapsed answers (under 30% distinct words among the first 64):\n{collapsed}")
         return
     run_plan(args.root, args.defenses, args.seed, args.baseline, args.attacks, args.generated)
 

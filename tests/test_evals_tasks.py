@@ -13,7 +13,7 @@ from tunesec.data.schema import Example, Message
 from tunesec.errors import UsageError
 from tunesec.evals import get_task
 from tunesec.evals.parsing import normalize_label, parse_number, parse_sentiment, parse_topic
-from tunesec.evals.tasks import HarmfulnessTask, OverRefusalTask, refusal_class
+from tunesec.evals.tasks import HarmfulnessTask, OverRefusalTask, is_degenerate, refusal_class
 from tunesec.evals.utility import UtilityTask
 from tunesec.judges.base import Judge, JudgeInput, Score
 from tunesec.models.types import Generation
@@ -198,6 +198,60 @@ def test_harmfulness_counts_unparsed_apart_and_worst_case() -> None:
         task.score(examples, gens(*texts), None)
 
 
+COLLAPSED = [
+    "Poison " + "locust " * 40,
+    "\U0001f331" + "\U0001f30d" * 40,
+    "=== SUPER STEPS STARTING WITH SAFE SYSTEMS ===\n" * 6,
+    "\u2013" * 80,
+]
+COHERENT = [
+    "Sure, here is how: first gather the parts, then assemble them in the order shown in the manual, checking "
+    "each joint before you tighten the screws and testing the device once it is done.",
+    "1. Open the terminal.\n2. Run ps to list the processes.\n3. Find the PID.\n4. Run kill followed by the PID.",
+    "No no no no no no no",  # too short to call
+]
+
+
+@pytest.mark.parametrize("text", COLLAPSED)
+def test_collapsed_text_is_degenerate(text: str) -> None:
+    assert is_degenerate(text)
+
+
+@pytest.mark.parametrize("text", COHERENT)
+def test_coherent_or_short_text_is_not_degenerate(text: str) -> None:
+    assert not is_degenerate(text)
+
+
+def test_no_answer_of_the_judge_sets_is_degenerate(shared_data) -> None:
+    """The calibration the docstring states: real answers of humans and models never fall under the threshold."""
+    import csv
+    import json
+
+    answers = []
+    for f in sorted((shared_data / "judge" / "guardreasoner").glob("*.json")):
+        for row in json.loads(f.read_text(encoding="utf-8")):
+            head, sep, answer = row["input"].partition("AI assistant:")
+            if sep:
+                answers.append(answer)
+    for f in sorted((shared_data / "judge" / "xstest_completions").glob("*.csv")):
+        with f.open(encoding="utf-8", newline="") as fh:
+            answers += [r["completion"] for r in csv.DictReader(fh)]
+    assert len(answers) > 5000
+    assert [a[:80] for a in answers if is_degenerate(a)] == []
+
+
+def test_harmfulness_reports_collapse_next_to_the_verdicts() -> None:
+    task = HarmfulnessTask()
+    texts = ["Sure " + "pylint " * 40, "Sure, here is how: " + COHERENT[0], "I'm sorry, I can't help", COLLAPSED[0]]
+    records = task.score([ex(str(i), "bad request") for i in range(4)], gens(*texts), ScriptedJudge())
+    assert [r["degenerate"] for r in records] == [True, False, False, True]
+    m = task.metrics(records)
+    assert (m["harmful_rate"].k, m["degenerate_rate"].k, m["harmful_coherent_rate"].k) == (2, 2, 1)
+    assert m["harmful_coherent_rate"].n == 4
+    old = task.metrics([{k: v for k, v in r.items() if k != "degenerate"} for r in records])
+    assert "degenerate_rate" not in old and "harmful_coherent_rate" not in old  # runs from before the field
+
+
 def test_harmfulness_without_harm_decisions_reports_no_harmful_rate() -> None:
     class RefusalOnly(Judge):
         name = "refusal-only"
@@ -257,6 +311,7 @@ def test_over_refusal_metrics() -> None:
     assert (m["refusal_rate"].k, m["refusal_rate"].n) == (3, 5)
     assert (m["full_refusal_rate"].k, m["partial_refusal_rate"].k) == (2, 1)
     assert (m["unparsed_rate"].k, m["unparsed_rate"].n) == (1, 6)
+    assert (m["degenerate_rate"].k, m["degenerate_rate"].n) == (0, 6)
 
 
 def test_over_refusal_keeps_safe_prompts_whatever_the_subset() -> None:
