@@ -200,7 +200,7 @@ def test_unlearn_smooth_resumes_to_the_same_weights(tmp_path: Path) -> None:
             assert torch.allclose(a[n], p, atol=1e-6, rtol=0), n
 
 
-@pytest.mark.parametrize("name", ["unlearn-smooth", "sdd", "deep-alignment", "repnoise", "seam", "tar"])
+@pytest.mark.parametrize("name", ["unlearn-smooth", "sdd", "deep-alignment", "repnoise", "seam", "tar", "tar-dpo"])
 def test_defenses_ii_run_end_to_end(tiny_llama_dir: Path, tmp_path: Path, name: str, monkeypatch) -> None:
     from test_defenses_alignment import TINY_ALIGN, _write
     from tunesec.defenses import get_defense
@@ -217,8 +217,10 @@ def test_defenses_ii_run_end_to_end(tiny_llama_dir: Path, tmp_path: Path, name: 
     )
     helpful = _write(tmp_path / "help.jsonl", [chat(i, f"say hello {i}", "hello world") for i in range(8)])
     align = {**TINY_ALIGN, "refusal_data": {str(refusals): 4}, "benign_data": {str(helpful): 4}, "self_distill": {}}
-    if name in ("unlearn-smooth", "repnoise", "seam", "tar"):
+    if name in ("unlearn-smooth", "repnoise", "seam", "tar", "tar-dpo"):
         config: dict[str, Any] = {"alignment": align, "harmful": {"data": str(harmful), "n": 8, "exclude": []}}
+        if name == "tar-dpo":
+            name, config = "tar", {**config, "tr_loss": "dpo", "tr_scale": 0.1}
     elif name == "sdd":
         config = {"alignment": align, "answer_data": [str(answers)]}
         monkeypatch.setattr("tunesec.judges.classifier.get_embedder", lambda model_dir=None: _BagOfWords())
@@ -400,3 +402,58 @@ def test_tar_entropy_loss_is_minus_the_entropy() -> None:
     assert float(entropy_loss(uniform)) == pytest.approx(-math.log(8), rel=1e-6)
     peaked = torch.tensor([[20.0] + [0.0] * 7])
     assert float(entropy_loss(peaked)) > float(entropy_loss(uniform))
+
+
+def test_tar_dpo_loss_is_log_two_at_the_reference_and_falls_as_refusals_are_preferred() -> None:
+    import torch
+
+    from tunesec.defenses.alignment.tar import dpo_loss
+
+    c, r = torch.tensor([-5.0, -9.0]), torch.tensor([-7.0, -3.0])
+    assert float(dpo_loss(c, r, c, r, 0.1)) == pytest.approx(math.log(2), rel=1e-6)
+    assert float(dpo_loss(c + 4, r, c, r, 0.1)) < math.log(2) < float(dpo_loss(c, r + 4, c, r, 0.1))
+    # by hand: margin shift +2 on the first pair, -2 on the second, beta 0.5
+    hand = (-math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
+    assert float(dpo_loss(c + torch.tensor([2.0, -2.0]), r, c, r, 0.5)) == pytest.approx(hand, rel=1e-6)
+
+
+def test_tar_dpo_meta_gradient_is_by_hand_against_the_start_model(tmp_path: Path) -> None:
+    import torch
+
+    from tunesec.defenses.alignment.tar import HELD_OUT, HELD_OUT_REFUSED, TamperResistance, dpo_loss
+    from tunesec.training.steps import sequence_logprobs
+    from tunesec.training.trainer import lm_loss_mean
+
+    loaded = make_loaded()
+    model = loaded.model
+    prompts = [chat(200 + i, "tell me about the dog", "sure here it is one two three") for i in range(3)]
+    refused = [chat(200 + i, "tell me about the dog", "no I will not") for i in range(3)]
+    forget, rejected, chosen = _encode(loaded, harmful_set(2)), _encode(loaded, prompts), _encode(loaded, refused)
+    hook = TamperResistance(inner_steps=1, meta_every=1, adversary_lrs=[1e-2], tr_scale=0.1, tr_loss="dpo", anchor=0)
+    ctx = _ctx(loaded, {"harmful": forget, HELD_OUT: rejected, HELD_OUT_REFUSED: chosen})
+    ctx.out_dir, ctx.extra_datasets = tmp_path, {HELD_OUT: prompts, HELD_OUT_REFUSED: refused}
+    hook.setup(ctx)
+    params = _params(model)
+    with torch.no_grad():
+        ref_c, ref_r = sequence_logprobs(model, chosen), sequence_logprobs(model, rejected)
+    g = list(torch.autograd.grad(lm_loss_mean(model, forget), params))
+    moved = _moved(model, [gi / (gi.abs() + 1e-8) for gi in g], -1e-2)
+    loss = dpo_loss(sequence_logprobs(moved, chosen), sequence_logprobs(moved, rejected), ref_c, ref_r, 0.1)
+    expected = [0.1 * t for t in torch.autograd.grad(loss, _params(moved))]
+    hook.before_step(model, _encode(loaded, memorise_set(2)))
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-3) for a, b in zip(hook._term, expected, strict=True))
+    assert float(loss.detach()) != pytest.approx(math.log(2))  # the attack moved the margins
+    metrics = hook.pop_metrics()
+    assert metrics["tamper_loss"] == pytest.approx(float(loss.detach()), rel=1e-5) and hook.pop_metrics() == {}
+
+
+def test_tar_dpo_refuses_held_out_sets_that_do_not_pair(tmp_path: Path) -> None:
+    from tunesec.defenses.alignment.tar import HELD_OUT, HELD_OUT_REFUSED, TamperResistance
+    from tunesec.errors import UsageError
+
+    loaded = make_loaded()
+    batch = _encode(loaded, harmful_set(2))
+    ctx = _ctx(loaded, {"harmful": batch, HELD_OUT: batch, HELD_OUT_REFUSED: batch})
+    ctx.extra_datasets = {HELD_OUT: harmful_set(3), HELD_OUT_REFUSED: harmful_set(2)}
+    with pytest.raises(UsageError, match="3 harmful and 2 refused"):
+        TamperResistance(tr_loss="dpo").setup(ctx)

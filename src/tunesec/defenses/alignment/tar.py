@@ -14,8 +14,14 @@ rishub-tamirisa/tamper-resistance@19de233 ``modules/training.py::tar_training_lo
         restore w
         grad = meta + grad [CE(retain) + anchor * mean_l |h_l(w) - h_l(w_start)|]
 
-Tamper-resistance loss: the entropy form (``L_TR = -entropy`` of the next-token distribution at the held-out
-harmful answers' positions): after an attack the model should stay uncertain on harmful answers.
+Tamper-resistance loss, two forms as in the official code (``modules/objectives.py``): ``entropy`` (``L_TR =
+-entropy`` of the next-token distribution at the held-out harmful answers' positions: after an attack the model
+should stay uncertain on harmful answers; the paper's weaponization-knowledge setting, grad scale 4) and ``dpo``
+(the paper's refusal setting, ``run_tar_dpo.sh``: grad scale 0.1, DPO beta 0.1): after an attack the model should
+still prefer a refusal (chosen) to the harmful answer (rejected) of each held-out harmful prompt, relative to the
+start model: ``L_TR = -log sigmoid(beta ((lp(c) - lp(r)) - (lp_start(c) - lp_start(r))))``. The refusals are the
+recipe's own refusal answers, assigned to the held-out prompts in turn. The default stays ``entropy`` at scale 4
+(the form the issue names); on SmolLM2 it collapsed the model into repetition (docs/DEFENSES.md).
 
 As built here: the retain loss is the shipped aligned recipe's training batch (its refusals and helpful answers);
 forget and held-out forget data are two disjoint halves of the harmful pairs (``judge-pku`` unsafe rows, disjoint
@@ -31,16 +37,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from tunesec.data.schema import Example
+from tunesec.data.schema import Example, Message
 from tunesec.defenses.alignment.hooked import HARMFUL, HookedAlignment, HookedAlignmentConfig
+from tunesec.errors import UsageError
 from tunesec.registry import register
 from tunesec.training.hooks import Batch, GradientTermHook, HookContext, TrainingHook
 
 HELD_OUT = "harmful-heldout"
+HELD_OUT_REFUSED = "harmful-heldout-refused"  # the held-out prompts with refusal answers (the DPO form's chosen)
 REFERENCE_FILE = "tar_reference.safetensors"
 
 
@@ -57,6 +65,10 @@ class TARConfig(HookedAlignmentConfig):
         0.0625, ge=0.0, le=10.0, description="w_k = exp(tr_decay (k - K + 1)) weighs later steps more."
     )
     anchor: float = Field(1.0, ge=0.0, le=1000.0, description="Weight of the representation anchor to the start model.")
+    tr_loss: Literal["entropy", "dpo"] = Field(
+        "entropy", description="L_TR: -entropy on harmful answers, or DPO of a refusal over the harmful answer."
+    )
+    dpo_beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO's beta in the dpo form of L_TR.")
 
     @field_validator("adversary_lrs")
     @classmethod
@@ -83,6 +95,16 @@ def answer_logits(model: Any, batch: Batch) -> Any:
     return model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits[:, :-1][keep]
 
 
+def dpo_loss(chosen: Any, rejected: Any, ref_chosen: Any, ref_rejected: Any, beta: float) -> Any:
+    """DPO's sigmoid loss over sequence log-probabilities: ``-log sigmoid(beta (chosen margin - reference's))``.
+
+    ``log 2`` when the model's margins equal the reference's; falls as the model prefers the chosen answers more.
+    """
+    import torch.nn.functional as F  # noqa: N812
+
+    return -F.logsigmoid(beta * ((chosen - rejected) - (ref_chosen - ref_rejected))).mean()
+
+
 class TamperResistance(GradientTermHook):
     """TAR's simulated attacks, meta-gradient and representation anchor as a training hook."""
 
@@ -97,9 +119,12 @@ class TamperResistance(GradientTermHook):
         tr_scale: float = 4.0,
         tr_decay: float = 0.0625,
         anchor: float = 1.0,
+        tr_loss: str = "entropy",
+        dpo_beta: float = 0.1,
     ) -> None:
         self.k, self.every, self.lrs = inner_steps, meta_every, list(adversary_lrs)
         self.scale, self.decay, self.anchor = tr_scale, tr_decay, anchor
+        self.tr_loss, self.beta = tr_loss, dpo_beta
         self.reference: Any = None
         self._ref_hidden: list[Any] | None = None
         self.last: dict[str, float] = {}
@@ -114,6 +139,16 @@ class TamperResistance(GradientTermHook):
         self.ctx = ctx
         self._forget: Iterator[Batch] = ctx.batches(HARMFUL, seed=ctx.config.seed + 7)
         self._held_out: Iterator[Batch] = ctx.batches(HELD_OUT, seed=ctx.config.seed + 8)
+        if self.tr_loss == "dpo":
+            # the same seed over a dataset of the same length: batch i holds the same prompts in both streams
+            # (a row is dropped only when its prompt leaves no room for the answer, so both lose the same rows)
+            rejected, chosen = ctx.extra_datasets[HELD_OUT], ctx.extra_datasets.get(HELD_OUT_REFUSED, [])
+            if len(chosen) != len(rejected):
+                raise UsageError(
+                    f"tar: the dpo form needs each held-out harmful prompt with a refusal; got {len(rejected)} "
+                    f"harmful and {len(chosen)} refused rows"
+                )
+            self._chosen: Iterator[Batch] = ctx.batches(HELD_OUT_REFUSED, seed=ctx.config.seed + 8)
 
     def _start(self, model: Any) -> Any:
         from tunesec.training.steps import WeightSnapshot, trainable_parameters
@@ -152,11 +187,24 @@ class TamperResistance(GradientTermHook):
                     p.sub_(lr * step)
             if (k + 1) % self.every == 0:
                 weight = self.scale * math.exp(self.decay * (k - self.k + 1))
-                tr = entropy_loss(answer_logits(model, next(self._held_out)))
+                tr = self.tamper_loss(model)
                 self.last["tamper_loss"] = float(tr.detach())
                 for acc, gi in zip(meta, gradient(tr, params), strict=True):
                     acc.add_(gi, alpha=weight)
         return meta
+
+    def tamper_loss(self, model: Any) -> Any:
+        """L_TR on the next held-out batch at the current (attacked) weights, in the configured form."""
+        import torch
+
+        from tunesec.training.steps import sequence_logprobs
+
+        if self.tr_loss != "dpo":
+            return entropy_loss(answer_logits(model, next(self._held_out)))
+        rejected, chosen = next(self._held_out), next(self._chosen)
+        with torch.no_grad(), self._start(model).swapped_in():
+            ref_c, ref_r = sequence_logprobs(model, chosen), sequence_logprobs(model, rejected)
+        return dpo_loss(sequence_logprobs(model, chosen), sequence_logprobs(model, rejected), ref_c, ref_r, self.beta)
 
     def before_step(self, model: Any, inputs: Batch) -> None:
         """The simulated attack (weights restored after it); the start model's hidden states for the anchor."""
@@ -211,12 +259,35 @@ class TAR(HookedAlignment):
     needs_harmful = True
 
     def extra_datasets(self, harmful: Sequence[Example], data: Sequence[Example]) -> dict[str, list[Example]]:
-        """Two disjoint halves of the harmful pairs: the attacker's and the tamper-resistance loss's."""
+        """Two disjoint halves of the harmful pairs: the attacker's and the tamper-resistance loss's.
+
+        The dpo form adds the held-out prompts answered with the mix's refusals (in turn), its chosen answers.
+        """
+        assert isinstance(self.config, TARConfig)
         half = len(harmful) // 2
-        return {HARMFUL: list(harmful[:half]), HELD_OUT: list(harmful[half:])}
+        held_out = list(harmful[half:])
+        out = {HARMFUL: list(harmful[:half]), HELD_OUT: held_out}
+        if self.config.tr_loss == "dpo":
+            refusals = [e.messages[-1].content for e in data if e.meta.get("align_kind") in ("refusal", "deep-refusal")]
+            if not refusals:
+                raise UsageError("tar: tr_loss=dpo needs refusal examples in the alignment mix for its chosen answers")
+            out[HELD_OUT_REFUSED] = [
+                e.model_copy(
+                    update={
+                        "id": f"{e.id}-refused",
+                        "messages": [*e.messages[:-1], Message(role="assistant", content=refusals[i % len(refusals)])],
+                    }
+                )
+                for i, e in enumerate(held_out)
+            ]
+        return out
 
     def hooks(self, harmful: Sequence[Example], data: Sequence[Example]) -> list[TrainingHook]:
         """One hook: simulated attacks, meta-gradient, anchor."""
         assert isinstance(self.config, TARConfig)
         c = self.config
-        return [TamperResistance(c.inner_steps, c.meta_every, c.adversary_lrs, c.tr_scale, c.tr_decay, c.anchor)]
+        return [
+            TamperResistance(
+                c.inner_steps, c.meta_every, c.adversary_lrs, c.tr_scale, c.tr_decay, c.anchor, c.tr_loss, c.dpo_beta
+            )
+        ]
