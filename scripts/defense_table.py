@@ -18,6 +18,7 @@ Generation: greedy, 64 new tokens (as the shipped adapter's card). Judge: the de
 Usage:
     python scripts/defense_table.py [--root runs/defenses] [--defenses vaccine booster ...] [--seed 42]
         [--attacks harmful-sft poison-mix benign-sft] [--generated] [--baseline first|last|skip]
+        [--set KEY=VALUE ... --label DIR]     # a defense's non-default settings, its runs under DIR
     python scripts/defense_table.py --table      # print the markdown table from finished runs
 """
 
@@ -118,6 +119,8 @@ def run_plan(
     baseline: str = "first",
     attacks: list[str] | None = None,
     generated: bool = False,
+    settings: list[str] | None = None,
+    label: str | None = None,
 ) -> None:
     root.mkdir(parents=True, exist_ok=True)
     log = root / "plan.log"
@@ -128,11 +131,13 @@ def run_plan(
 
     if baseline == "first":
         undefended()
+    extra = [a for kv in settings or [] for a in ("--set", kv)]
     for name in defenses:
-        run = root / name / "defend"
+        run = root / (label or name) / "defend"
         run.parent.mkdir(parents=True, exist_ok=True)
-        step(run, [TUNESEC, "defend", name, "--model", "smollm2-135m", "--set", f"alignment.training.seed={seed}"], log)
-        measure(name, model_spec(run), root, log, attacks, generated)
+        cmd = [TUNESEC, "defend", name, "--model", "smollm2-135m", "--set", f"alignment.training.seed={seed}", *extra]
+        step(run, cmd, log)
+        measure(label or name, model_spec(run), root, log, attacks, generated)
     if baseline == "last":
         undefended()
 
@@ -295,8 +300,19 @@ def main() -> None:
         default="first",
         help="when to measure the undefended shipped adapter (the order changes no number: every step is seeded)",
     )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a defense setting for every defense of this call (tunesec defend --set)",
+    )
+    p.add_argument("--label", help="the runs' directory under --root instead of the defense's name (one defense)")
     p.add_argument("--table", action="store_true", help="print the table of finished runs and exit")
     args = p.parse_args()
+    if args.label and len(args.defenses) != 1:
+        p.error("--label names the runs of one defense; give one in --defenses")
     if args.table:
         print(table(args.root))
         extra = table(args.root, EXTRA, all_rows=False)
@@ -312,7 +328,9 @@ def main() -> None:
         if collapsed:
             print(f"\ncollapsed answers (under 30% distinct words among the first 64):\n{collapsed}")
         return
-    run_plan(args.root, args.defenses, args.seed, args.baseline, args.attacks, args.generated)
+    run_plan(
+        args.root, args.defenses, args.seed, args.baseline, args.attacks, args.generated, args.settings, args.label
+    )
 
 
 if __name__ == "__main__":
