@@ -457,3 +457,11 @@ def test_tar_dpo_refuses_held_out_sets_that_do_not_pair(tmp_path: Path) -> None:
     ctx.extra_datasets = {HELD_OUT: harmful_set(3), HELD_OUT_REFUSED: harmful_set(2)}
     with pytest.raises(UsageError, match="3 harmful and 2 refused"):
         TamperResistance(tr_loss="dpo").setup(ctx)
+
+
+def test_tar_dpo_form_takes_the_papers_grad_scale_unless_one_is_given() -> None:
+    from tunesec.defenses import get_defense
+
+    assert get_defense("tar").config.tr_scale == 4.0
+    assert get_defense("tar", {"tr_loss": "dpo"}).config.tr_scale == 0.1
+    assert get_defense("tar", {"tr_loss": "dpo", "tr_scale": 2.0}).config.tr_scale == 2.0

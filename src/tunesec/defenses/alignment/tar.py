@@ -39,7 +39,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunesec.data.schema import Example, Message
 from tunesec.defenses.alignment.hooked import HARMFUL, HookedAlignment, HookedAlignmentConfig
@@ -60,7 +60,12 @@ class TARConfig(HookedAlignmentConfig):
     adversary_lrs: list[float] = Field(
         default_factory=lambda: [1e-4, 5e-4, 1e-3], description="Learning rates the attacker's AdamW is drawn from."
     )
-    tr_scale: float = Field(4.0, ge=0.0, le=1000.0, description="Scale of the tamper-resistance meta-gradient.")
+    tr_scale: float = Field(
+        4.0,
+        ge=0.0,
+        le=1000.0,
+        description="Scale of the tamper-resistance meta-gradient (default 4; 0.1 with tr_loss=dpo, as the paper's).",
+    )
     tr_decay: float = Field(
         0.0625, ge=0.0, le=10.0, description="w_k = exp(tr_decay (k - K + 1)) weighs later steps more."
     )
@@ -69,6 +74,14 @@ class TARConfig(HookedAlignmentConfig):
         "entropy", description="L_TR: -entropy on harmful answers, or DPO of a refusal over the harmful answer."
     )
     dpo_beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO's beta in the dpo form of L_TR.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dpo_scale(cls, data: Any) -> Any:
+        """The dpo form's own default grad scale (the official refusal run's 0.1) unless one is given."""
+        if isinstance(data, dict) and data.get("tr_loss") == "dpo" and "tr_scale" not in data:
+            data = {**data, "tr_scale": 0.1}
+        return data
 
     @field_validator("adversary_lrs")
     @classmethod
