@@ -122,7 +122,7 @@ def test_weight_snapshot_swaps_in_and_back_and_reference_logprobs() -> None:
     n_labels = int((batch["labels"][:, 1:] != -100).sum())
     assert ref_lp.shape == (n_labels,) and bool((ref_lp <= 0).all())
     expected = sum(float(((p.detach() - v) ** 2).sum()) for p, v in zip(snap.params, snap.values, strict=True))
-    assert float(snap.sq_distance()) == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert float(snap.sq_distance().detach()) == pytest.approx(expected, rel=1e-5) and expected > 0
 
 
 def test_token_logprobs_mean_is_the_engine_loss() -> None:
