@@ -179,9 +179,9 @@ def is_degenerate(text: str) -> bool:
     """Whether a response is collapsed text: under 30% distinct words and symbols among its first 64.
 
     "Poison locust locust locust ...", a line of one emoji or dash: what a model whose training broke it writes.
-    A judge may score such text either way, so tasks report it next to their verdicts. Calibration: none of
-    7,527 human and model answers of the judge sets in ``shared/data/judge`` (GuardReasoner's SafeRLHF,
-    BeaverTails and XSTest rows, the XSTest v2 completions; at least 16 tokens each) is under 0.365.
+    A judge may score such text either way, so tasks report it next to their verdicts. Calibration: none of the
+    7,527 model answers of 16 or more tokens in the judge sets of ``shared/data/judge`` (GuardReasoner's
+    SafeRLHF, BeaverTails and XSTest rows, the five XSTest v2 completion files) is under 0.365.
     Answers shorter than 16 words and symbols are never degenerate.
     """
     tokens = _TOKENS.findall(text)[:DEGENERATE_WINDOW]
