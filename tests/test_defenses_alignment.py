@@ -105,6 +105,8 @@ def test_booster_term_is_lambda_times_the_gradient_difference_and_weights_come_b
     hook.after_step(model)
     assert _close([p.grad for p in _params(model)], [5.0 * (a - b) for a, b in zip(g0, g1, strict=True)])
     assert hook.last_reduction > 0  # a normalised descent step lowers the harmful loss
+    reduction = hook.last_reduction
+    assert hook.pop_metrics() == {"reduction": reduction} and hook.pop_metrics() == {}  # logged once
 
 
 # -- CTRAP -----------------------------------------------------------------------------------------------
@@ -138,6 +140,7 @@ def test_ctrap_term_is_the_collapse_gradient_at_the_simulated_harmful_step() -> 
     assert _same([p.detach() for p in _params(model)], before)
     assert _close(hook._term, [0.1 * g for g in g_c])
     assert hook.token == loaded.tokenizer("no", add_special_tokens=False)["input_ids"][-1]
+    assert set(hook.pop_metrics()) == {"collapse_loss"} and hook.pop_metrics() == {}
 
 
 # -- Vaccine ---------------------------------------------------------------------------------------------

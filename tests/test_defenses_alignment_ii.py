@@ -157,6 +157,8 @@ def test_npo_sam_term_is_the_npo_gradient_at_the_sam_point(tmp_path: Path) -> No
         float(npo_loss(sequence_logprobs(moved, forget), ref, 0.1).detach()), rel=1e-4
     )
     assert (tmp_path / "npo_reference.safetensors").is_file()  # the reference survives a resume
+    forget_loss = hook.last_forget_loss
+    assert hook.pop_metrics() == {"forget_loss": forget_loss} and hook.pop_metrics() == {}
 
 
 def test_unlearn_smooth_retain_weight_is_gamma() -> None:

@@ -225,6 +225,7 @@ def test_constrained_loss_gradient_is_the_weighted_cross_entropy_gradient(tmp_pa
     g_hand = torch.autograd.grad((w * ce).mean(), params)
     for a, b in zip(g_hook, g_hand, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert hook.pop_metrics() == {"mean_weight": pytest.approx(float(w.mean()))} and hook.pop_metrics() == {}
 
 
 # -- SaLoRA ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ PKU Safe-RLHF / BeaverTails test pairs labelled unsafe (the paper: 5,000 BeaverT
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -50,6 +51,11 @@ class HarmfulStepAttenuation(GradientTermHook):
     def __init__(self, lam: float, alpha: float, batch_size: int | None = None, dataset: str = HARMFUL) -> None:
         self.lam, self.alpha, self.batch_size, self.dataset = lam, alpha, batch_size, dataset
         self.last_reduction = float("nan")  # h(w) - h(w - alpha g/|g|) of the last micro-batch
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The harmful loss's drop h(w) - h(w - alpha g/|g|) of the last micro-batch."""
+        value, self.last_reduction = self.last_reduction, float("nan")
+        return {} if math.isnan(value) else {"reduction": value}
 
     def setup(self, ctx: HookContext) -> None:
         """Cycle over the harmful pairs."""

@@ -20,6 +20,7 @@ the paper's 20 epochs at lr 5e-4 with LoRA r=32 on q/k/v (like-for-like with the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -75,6 +76,11 @@ class CollapseTrap(GradientTermHook):
     ) -> None:
         self.lam, self.alpha, self.text, self.batch_size, self.dataset = lam, alpha, text, batch_size, dataset
         self.last_collapse_loss = float("nan")
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The collapse loss at the simulated harmful step, of the last micro-batch."""
+        value, self.last_collapse_loss = self.last_collapse_loss, float("nan")
+        return {} if math.isnan(value) else {"collapse_loss": value}
 
     def setup(self, ctx: HookContext) -> None:
         """Find the collapse token; cycle over the harmful pairs."""

@@ -22,6 +22,7 @@ like for like with the undefended model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -64,6 +65,11 @@ class NPOSmoothing(GradientTermHook):
         self.beta, self.gamma, self.rho, self.batch_size, self.dataset = beta, gamma, rho, batch_size, dataset
         self.reference: Any = None
         self.last_forget_loss = float("nan")
+
+    def pop_metrics(self) -> dict[str, float]:
+        """NPO's forget loss at the SAM point, of the last micro-batch."""
+        value, self.last_forget_loss = self.last_forget_loss, float("nan")
+        return {} if math.isnan(value) else {"forget_loss": value}
 
     def setup(self, ctx: HookContext) -> None:
         """Cycle over the forget pairs."""

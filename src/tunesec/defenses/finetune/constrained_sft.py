@@ -28,6 +28,7 @@ weights depend only on log-probability differences, not on scale).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import Field
@@ -105,6 +106,11 @@ class TokenwiseConstraint(TrainingHook):
         self.reference: Any = None
         self._ref_logp: Any = None
         self.last_mean_weight = float("nan")
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The mean token weight of the last micro-batch (1 = plain cross-entropy)."""
+        value, self.last_mean_weight = self.last_mean_weight, float("nan")
+        return {} if math.isnan(value) else {"mean_weight": value}
 
     def setup(self, ctx: HookContext) -> None:
         """Keep the context."""
