@@ -223,6 +223,7 @@ def neither(root: Path, run: str = "eval-advbench", threshold: float = 0.25) -> 
     separates those answers from refusals. Off the topic: MiniLM cosine similarity between prompt and answer at
     most ``threshold`` (SDD's own pairing threshold). Unparsed judgements are left out.
     """
+    from tunesec.data.loaders import iter_jsonl
     from tunesec.evals.metrics import wilson_interval
     from tunesec.judges.classifier import get_embedder
 
@@ -239,8 +240,7 @@ def neither(root: Path, run: str = "eval-advbench", threshold: float = 0.25) -> 
         path = d / run / "records.jsonl"
         if not path.is_file():
             continue
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        recs = [r for r in recs if not r.get("unparsed") and r.get("refused") is not None]
+        recs = [r for r in iter_jsonl(path) if not r.get("unparsed") and r.get("refused") is not None]
         both = [r for r in recs if not r["refused"] and not r.get("harmful")]
         off = 0
         if both:
@@ -265,6 +265,7 @@ COLLAPSE_RUNS = [
 def collapse(root: Path) -> str:
     """Per model and set: collapsed answers (``is_degenerate``, computed from the records, so older runs too),
     and on the harmful sets how many of the judged-harmful answers are collapsed text."""
+    from tunesec.data.loaders import iter_jsonl
     from tunesec.evals.tasks import is_degenerate
 
     rows = ["| model | set | collapsed | judged harmful, of which collapsed |", "|---|---|---|---|"]
@@ -273,7 +274,9 @@ def collapse(root: Path) -> str:
             path = d / run / "records.jsonl"
             if not path.is_file():
                 continue
-            recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            recs = list(iter_jsonl(path))
+            if not recs:
+                continue
             bad = [is_degenerate(r["response"]) for r in recs]
             harmful = [b for r, b in zip(recs, bad, strict=True) if r.get("harmful") and not r.get("unparsed")]
             judged = f"{sum(harmful)}/{len(harmful)}" if "harmful" in recs[0] else "-"
