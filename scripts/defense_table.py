@@ -130,6 +130,16 @@ def measure(
         step(run, [TUNESEC, "eval", model_spec(attack), *EVALS[0][1], "--max-new-tokens", TOKENS], log)
 
 
+def seed_key(defense: str) -> str:
+    """The config key of a defense's training seed: ``alignment.training.seed`` for the hooked defenses (the
+    recipe sits under ``alignment``), ``training.seed`` for one whose config is the recipe itself
+    (``deep-alignment``)."""
+    from tunesec.defenses import get_defense
+
+    fields = get_defense(defense).config_class.model_fields
+    return "alignment.training.seed" if "alignment" in fields else "training.seed"
+
+
 def seed_args(s: int) -> list[str]:
     """harmful-sft's data seed (which 100 harmful pairs) and training seed (LoRA init, order), both ``s``."""
     return ["--set", f"seed={s}", "--set", f"training.seed={s}"]
@@ -160,7 +170,7 @@ def run_plan(
     for name in defenses:
         run = root / (label or name) / "defend"
         run.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [TUNESEC, "defend", name, "--model", "smollm2-135m", "--set", f"alignment.training.seed={seed}", *extra]
+        cmd = [TUNESEC, "defend", name, "--model", "smollm2-135m", "--set", f"{seed_key(name)}={seed}", *extra]
         step(run, cmd, log)
         measure(label or name, model_spec(run), root, log, attacks, generated, seeds, attacks_only)
     if baseline == "last":
