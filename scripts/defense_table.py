@@ -23,6 +23,7 @@ Usage:
         [--attack-seeds 1 2] [--attacks-only] # harmful-sft's further seeds; without the models' own evals
         [--set KEY=VALUE ... --label DIR]     # a defense's non-default settings, its runs under DIR
     python scripts/defense_table.py --table      # print the markdown table from finished runs
+    python scripts/defense_table.py --plot docs/defenses.png [--also-root runs/defenses]   # and draw it
 """
 
 from __future__ import annotations
@@ -310,6 +311,52 @@ def seeds_table(root: Path) -> str:
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
+# (label, run directory, metric) drawn by --plot, one marker per model
+PLOTTED = [
+    ("harmful, harmful-mix (before any attack)", "eval-harmful-mix", "harmful_rate"),
+    ("harmful, harmful-mix, after harmful-sft", "attacked-eval-harmful-mix", "harmful_rate"),
+    ("refusal, AdvBench", "eval-advbench", "refusal_rate"),
+    ("over-refusal, XSTest-safe", "eval-xstest-safe", "refusal_rate"),
+]
+
+
+def plot(roots: list[Path], target: Path) -> None:
+    """One row per model under ``roots`` (first root first), the ``PLOTTED`` rates with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [d for root in roots for d in sorted(p for p in root.iterdir() if p.is_dir())]
+    models = [d for d in models if any(metric(d / run, key) for _, run, key in PLOTTED)]
+    if not models:
+        sys.exit(f"--plot: no finished evaluations under {', '.join(map(str, roots))}")
+    fig, ax = plt.subplots(figsize=(10.5, 1.2 + 0.55 * len(models)))
+    for j, (label, run, key) in enumerate(PLOTTED):
+        ys, xs, lo, hi = [], [], [], []
+        for i, d in enumerate(models):
+            m = metric(d / run, key)
+            if m is None:
+                continue
+            ys.append(i + (j - 1.5) * 0.17)
+            xs.append(100 * m["value"])
+            lo.append(100 * (m["value"] - m["ci_low"]))
+            hi.append(100 * (m["ci_high"] - m["value"]))
+        ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", markersize=4, capsize=2, label=label)
+    ax.set_yticks(range(len(models)), [d.name for d in models])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of answers (95% Wilson interval)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(target)
+    print(f"wrote {target}")
+
+
 COLLAPSE_RUNS = [
     ("harmful-mix", "eval-harmful-mix"),
     ("AdvBench", "eval-advbench"),
@@ -384,9 +431,20 @@ def main() -> None:
     )
     p.add_argument("--label", help="the runs' directory under --root instead of the defense's name (one defense)")
     p.add_argument("--table", action="store_true", help="print the table of finished runs and exit")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="draw the finished runs' harmful, refusal and over-refusal rates per model into PNG and exit "
+        "(with --also-root for more run roots)",
+    )
+    p.add_argument("--also-root", type=Path, action="append", default=[], help="further roots for --plot")
     args = p.parse_args()
     if args.label and len(args.defenses) != 1:
         p.error("--label names the runs of one defense; give one in --defenses")
+    if args.plot:
+        plot([args.root, *args.also_root], args.plot)
+        return
     if args.table:
         print(table(args.root))
         extra = table(args.root, EXTRA, all_rows=False)
