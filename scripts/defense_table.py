@@ -290,7 +290,8 @@ def neither(root: Path, run: str = "eval-advbench", threshold: float = 0.25) -> 
 
 def seeds_table(root: Path) -> str:
     """harmful-sft's harmful rate on harmful-mix per attack seed, and pooled over the seeds found (counts added,
-    Wilson 95% interval), for the models with at least one further seed."""
+    Wilson 95% interval), for the models with at least one further seed. The pooled interval covers the sampling
+    of prompts and answers, not the spread between seeds: read that from the per-seed columns."""
     from tunesec.evals.metrics import wilson_interval
 
     found = sorted({int(p.name.split("-seed")[1]) for p in root.glob("*/attack-harmful-sft-seed*")})
