@@ -253,7 +253,8 @@ def build_alignment_data(
     Args:
         config: The mix.
         model: The model being aligned; needed when ``config.self_distill`` asks for self-distilled answers.
-        generator: A ready generator for ``model`` (default: one is loaded).
+        generator: A ready generator for ``model`` (default: a :class:`~tunesec.models.gen_cache.CachedGenerator`
+            of ``model``, so answers it gave for the same prompts and settings before are reused).
         progress: Show a progress bar while generating self-distilled answers.
         notes: If given, one line per screened refusal dataset is appended (what the filter dropped).
     """
@@ -274,6 +275,10 @@ def build_alignment_data(
         benign.extend(_draw(spec, load_data(spec), n, config.seed, held_out, "benign"))
     if not refusals:
         raise UsageError("refusal_data: the alignment mix needs at least one refusal example")
+    if generator is None and model is not None:
+        from tunesec.models.gen_cache import CachedGenerator
+
+        generator = CachedGenerator(model)  # the model's answers are reused across mixes (loaded on a miss)
     out: list[Example] = []
     n_deep = round(len(refusals) * config.deep_alignment)
     deep = rng.sample(refusals, n_deep)
@@ -281,10 +286,6 @@ def build_alignment_data(
     if deep:
         if model is None and generator is None:
             raise UsageError("deep_alignment: safety-recovery examples need the model being aligned (pass model=)")
-        if generator is None:
-            from tunesec.models import get_generator
-
-            generator = get_generator(model if model is not None else "")
         prefixes = harmful_prefixes(config, deep, generator, progress=progress)
         if notes is not None:
             notes.append(
