@@ -467,3 +467,23 @@ def test_tar_dpo_form_takes_the_papers_grad_scale_unless_one_is_given() -> None:
     assert get_defense("tar").config.tr_scale == 4.0
     assert get_defense("tar", {"tr_loss": "dpo"}).config.tr_scale == 0.1
     assert get_defense("tar", {"tr_loss": "dpo", "tr_scale": 2.0}).config.tr_scale == 2.0
+
+
+def test_tar_dpo_chosen_answers_are_refusals_without_a_recovery_examples_harmful_prefix() -> None:
+    from tunesec.data.schema import Example, Message
+    from tunesec.defenses import get_defense
+    from tunesec.defenses.alignment.tar import HELD_OUT_REFUSED
+
+    def ex(i: int, kind: str, answer: str, loss_start: int = 0) -> Example:
+        turn = Message(role="assistant", content=answer, loss_start=loss_start)
+        return Example(id=f"e{i}", messages=[Message(role="user", content=f"q{i}"), turn], meta={"align_kind": kind})
+
+    prefix = "Step 1: get the"
+    data = [
+        ex(0, "deep-refusal", prefix + "\n\nI can't help with that.", loss_start=len(prefix)),
+        ex(1, "refusal", "I won't do that."),
+        ex(2, "helpful", "Paris."),
+    ]
+    tar = get_defense("tar", {"tr_loss": "dpo"})
+    chosen = tar.extra_datasets(harmful_set(4), data)[HELD_OUT_REFUSED]
+    assert [e.messages[-1].content for e in chosen] == ["I can't help with that.", "I won't do that."]

@@ -281,7 +281,14 @@ class TAR(HookedAlignment):
         held_out = list(harmful[half:])
         out = {HARMFUL: list(harmful[:half]), HELD_OUT: held_out}
         if self.config.tr_loss == "dpo":
-            refusals = [e.messages[-1].content for e in data if e.meta.get("align_kind") in ("refusal", "deep-refusal")]
+            # a safety-recovery example's refusal is what follows its harmful prefix (the part with the loss)
+            refusals = [
+                e.messages[-1].content[e.messages[-1].loss_start :].lstrip()
+                if e.messages[-1].loss_start
+                else e.messages[-1].content
+                for e in data
+                if e.meta.get("align_kind") in ("refusal", "deep-refusal")
+            ]
             if not refusals:
                 raise UsageError("tar: tr_loss=dpo needs refusal examples in the alignment mix for its chosen answers")
             out[HELD_OUT_REFUSED] = [
