@@ -80,3 +80,14 @@ def test_a_second_mix_of_the_same_model_reuses_its_self_distilled_answers(
     monkeypatch.setattr("tunesec.models.get_generator", _no_model)
     # another mix (a different response cut), same prompts and model: no generation needed
     build_alignment_data(cfg.model_copy(update={"max_response_chars": 300}), str(tiny_llama_dir), progress=False)
+
+
+def test_a_changed_chat_template_changes_the_key(tmp_path: Path) -> None:
+    from tiny import save_tiny
+
+    model = save_tiny(tmp_path / "m")
+    key = CachedGenerator(str(model), cache_dir=tmp_path / "gens").key(["a"], GenerationConfig())
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert CachedGenerator(str(model), cache_dir=tmp_path / "gens").key(["a"], GenerationConfig()) != key

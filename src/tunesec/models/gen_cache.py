@@ -4,9 +4,10 @@ Building an alignment mix asks the model being aligned for a thousand greedy ans
 answers, the harmful prefixes of deep alignment): about 15 minutes on 2 CPU cores for SmolLM2-135M. The mix
 itself is cached by its whole config, so a recipe that changes any mix field (``deep_alignment``, a refusal
 filter) used to generate the same answers again. :class:`CachedGenerator` keys each ``generate`` call on what
-decides its output: the model's weight hashes (:func:`~tunesec.models.fingerprint.fingerprint`, base and adapter),
-the generation settings and the prompts. A hit returns the stored generations without loading the model; a miss
-loads it once, generates and stores the result atomically under ``$TUNESEC_HOME/generations/<key>.json``.
+decides its output: the model's weight hashes (:func:`~tunesec.models.fingerprint.fingerprint`, base and adapter)
+with its tokenizer and chat-template files, the generation settings and the prompts. A hit returns the stored
+generations without loading the model; a miss loads it once, generates and stores the result atomically under
+``$TUNESEC_HOME/generations/<key>.json``.
 
 Only local weights are cached: an endpoint (whose model can change behind its URL) or a spec without weight
 files is passed straight through. Sampled decoding is cached too, since its seed is part of the settings.
@@ -22,6 +23,18 @@ from typing import Any
 
 from tunesec.models.ref import ModelRef
 from tunesec.models.types import Generation, GenerationConfig, Prompt
+
+# raised when tunesec's generation changes what it returns for the same inputs, so older entries are not read
+CACHE_FORMAT = 1
+# files beside the weights that change what a prompt becomes (tokens, chat template)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 class CachedGenerator:
@@ -39,13 +52,25 @@ class CachedGenerator:
         self.hits = 0
 
     def identity(self) -> dict[str, Any] | None:
-        """The weight hashes that name this model in cache keys; None when there is nothing local to hash."""
+        """The hashes that name this model in cache keys; None when there is nothing local to hash.
+
+        Weights (base and adapter), and the tokenizer and chat-template files beside them, which decide the
+        prompt's tokens.
+        """
         if self._identity is None and not self.ref.is_endpoint:
-            from tunesec.models.fingerprint import fingerprint
+            from tunesec.models.fingerprint import file_sha256, fingerprint
+            from tunesec.models.loading import resolve_alias
 
             fp = fingerprint(self.ref)
-            ids = {k: fp[k] for k in ("weights_sha256", "adapter_sha256") if fp.get(k)}
             if fp.get("weights_sha256") and (not self.ref.adapter or fp.get("adapter_sha256")):
+                ids = {k: fp[k] for k in ("weights_sha256", "adapter_sha256") if fp.get(k)}
+                concrete = resolve_alias(self.ref)
+                for label, where in (("base", concrete.base), ("adapter", concrete.adapter)):
+                    folder = Path(where) if where else None
+                    if folder is not None and folder.is_dir():
+                        for name in TOKENIZER_FILES:
+                            if (folder / name).is_file():
+                                ids[f"{label}/{name}"] = file_sha256(folder / name)
                 self._identity = ids
         return self._identity
 
@@ -55,7 +80,8 @@ class CachedGenerator:
         if ids is None:
             return None
         blob = json.dumps(
-            {"model": ids, "config": config.model_dump(mode="json"), "prompts": list(prompts)}, sort_keys=True
+            {"format": CACHE_FORMAT, "model": ids, "config": config.model_dump(mode="json"), "prompts": list(prompts)},
+            sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
