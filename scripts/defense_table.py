@@ -297,7 +297,7 @@ def seeds_table(root: Path) -> str:
     found = sorted({int(p.name.split("-seed")[1]) for p in root.glob("*/attack-harmful-sft-seed*")})
     if not found:
         return ""
-    titles = ["seed 0 (default)"] + [f"seed {s}" for s in found] + ["pooled"]
+    titles = ["default (data seed 0, training seed 42)"] + [f"seed {s}" for s in found] + ["pooled"]
     rows = ["| model | " + " | ".join(titles) + " |", "|---|" + "---|" * len(titles)]
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         runs = ["attacked-eval-harmful-mix"] + [f"attacked-seed{s}-eval-harmful-mix" for s in found]
