@@ -170,6 +170,15 @@ class TrainingHook:
         """
         return {}
 
+    def _pop_last(self, attr: str, key: str) -> dict[str, float]:
+        """``{key: value}`` of the scalar in attribute ``attr``, reset to NaN; ``{}`` when it is NaN.
+
+        The ``pop_metrics`` of a hook that keeps its last measured term in one attribute.
+        """
+        value = getattr(self, attr)
+        setattr(self, attr, float("nan"))
+        return {} if value != value else {key: float(value)}
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state written with every checkpoint (e.g. a sampler's weights); see :meth:`load_state_dict`."""
         return {}

@@ -19,7 +19,6 @@ PKU Safe-RLHF / BeaverTails test pairs labelled unsafe (the paper: 5,000 BeaverT
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -54,8 +53,7 @@ class HarmfulStepAttenuation(GradientTermHook):
 
     def pop_metrics(self) -> dict[str, float]:
         """The harmful loss's drop h(w) - h(w - alpha g/|g|) of the last micro-batch."""
-        value, self.last_reduction = self.last_reduction, float("nan")
-        return {} if math.isnan(value) else {"reduction": value}
+        return self._pop_last("last_reduction", "reduction")
 
     def setup(self, ctx: HookContext) -> None:
         """Cycle over the harmful pairs."""

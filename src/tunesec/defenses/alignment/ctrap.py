@@ -20,7 +20,6 @@ the paper's 20 epochs at lr 5e-4 with LoRA r=32 on q/k/v (like-for-like with the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -79,8 +78,7 @@ class CollapseTrap(GradientTermHook):
 
     def pop_metrics(self) -> dict[str, float]:
         """The collapse loss at the simulated harmful step, of the last micro-batch."""
-        value, self.last_collapse_loss = self.last_collapse_loss, float("nan")
-        return {} if math.isnan(value) else {"collapse_loss": value}
+        return self._pop_last("last_collapse_loss", "collapse_loss")
 
     def setup(self, ctx: HookContext) -> None:
         """Find the collapse token; cycle over the harmful pairs."""

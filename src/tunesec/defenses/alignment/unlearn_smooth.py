@@ -22,7 +22,6 @@ like for like with the undefended model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -68,8 +67,7 @@ class NPOSmoothing(GradientTermHook):
 
     def pop_metrics(self) -> dict[str, float]:
         """NPO's forget loss at the SAM point, of the last micro-batch."""
-        value, self.last_forget_loss = self.last_forget_loss, float("nan")
-        return {} if math.isnan(value) else {"forget_loss": value}
+        return self._pop_last("last_forget_loss", "forget_loss")
 
     def setup(self, ctx: HookContext) -> None:
         """Cycle over the forget pairs."""

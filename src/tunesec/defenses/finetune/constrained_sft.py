@@ -28,7 +28,6 @@ weights depend only on log-probability differences, not on scale).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from pydantic import Field
@@ -109,8 +108,7 @@ class TokenwiseConstraint(TrainingHook):
 
     def pop_metrics(self) -> dict[str, float]:
         """The mean token weight of the last micro-batch (1 = plain cross-entropy)."""
-        value, self.last_mean_weight = self.last_mean_weight, float("nan")
-        return {} if math.isnan(value) else {"mean_weight": value}
+        return self._pop_last("last_mean_weight", "mean_weight")
 
     def setup(self, ctx: HookContext) -> None:
         """Keep the context."""
