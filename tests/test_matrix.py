@@ -369,3 +369,33 @@ def test_a_finished_defend_run_is_used_instead_of_training_again(setup: dict[str
         with pytest.raises(UsageError, match=message):
             run_matrix(bad, out=setup["tmp"] / "bad", cache=setup["tmp"] / "cache2", progress=False)
         assert not (setup["tmp"] / "bad").exists()
+
+
+def test_a_defend_run_from_before_an_option_existed_is_read_with_its_default(setup: dict[str, Any]) -> None:
+    """An option added since the run (stored config without it) takes its default; one since removed differs."""
+    import shutil
+
+    import tunesec
+    from tunesec.defenses.base import get_defense
+    from tunesec.matrix.cells import check_defend_run
+
+    cfg = setup["config"]
+    given = setup["tmp"] / "vaccine-run"
+    tunesec.defend("vaccine", cfg["base"], config=cfg["defense_config"]["vaccine"], out=given, progress=False)
+    today = get_defense("vaccine", dict(cfg["defense_config"]["vaccine"])).config.model_dump(mode="json")
+    defaults = get_defense("vaccine", {}).config.model_dump(mode="json")
+    added = next(k for k, v in today.items() if not isinstance(v, dict) and defaults[k] == v)
+
+    def stored_as(name: str, edit: Any) -> str:
+        path = setup["tmp"] / name
+        shutil.copytree(given, path)
+        run_json = json.loads((path / "run.json").read_text())
+        edit(run_json["spec"]["config"])
+        (path / "run.json").write_text(json.dumps(run_json))
+        return str(path)
+
+    older = stored_as("older", lambda c: c.pop(added))
+    check_defend_run(older, "vaccine", "alignment", cfg["base"], today)  # accepted: the default fills it
+    removed = stored_as("removed", lambda c: c.update(gone_option=1))
+    with pytest.raises(UsageError, match="config differs from this matrix's defense config at gone_option"):
+        check_defend_run(removed, "vaccine", "alignment", cfg["base"], today)

@@ -10,7 +10,7 @@ reconstructions of ``shared/research/DEFENSES_SPEC.md`` section B [inferred], bu
   gradient ``g_u`` when the two conflict (PCGrad: ``g_h -= <g_h, g_u> / |g_u|^2 g_u`` if ``<g_h, g_u> < 0``) and
   (b) optionally stripped of the top-k directions of the harmful gradient measured on the defended model before
   the first step (the directions that Booster- and CTRAP-style defenses simulate and guard); the update is
-  ``g_h + mu g_u``. Against defenses keyed to "a harmful step raises the benign loss" (CTRAP, SEAM) and to the
+  ``g_h + mu g_u``. Against defenses keyed to "a harmful step raises the benign loss" (CTRAP, SEAM, SDD) and to the
   single direction ``-alpha g_h / |g_h|`` (Booster, CTRAP, Vaccine's perturbation).
 - ``kick-settle``: ``kick_steps`` optimizer steps on harmful data at ``kick_lr_mult`` times the learning rate, to
   leave the flattened basin that SAM-style defenses (VAA, Unlearn-Smooth, Booster) build; then the rest of the run
@@ -229,7 +229,7 @@ class _Anchored(FineTuneAttack):
     description="Adaptive harmful fine-tuning: PCGrad against a benign anchor, protected directions removed.",
     threat_model="open-weights",
     needs_weights=True,
-    targets="booster, ctrap, seam, vaccine, t-vaccine",
+    targets="booster, ctrap, seam, sdd, vaccine, t-vaccine",
 )
 class Sidestep(_Anchored):
     """SideStepper, reconstructed (see the module docstring)."""

@@ -218,7 +218,8 @@ def score_checkpoints(
     description="Fixed attacks run longer / other schedules, optimisers, targets, benign-first; harmful rate per save.",
     threat_model="open-weights",
     needs_weights=True,
-    targets="repnoise, tar, booster, vaccine, lisa, safelora, ctrap, seam, vaa, antidote, merge-back, resta",
+    targets="repnoise, tar, booster, vaccine, t-vaccine, lisa, safelora, ctrap, seam, vaa, sdd, unlearn-smooth, "
+    "deep-alignment, antidote, merge-back, resta",
 )
 class Continued(FineTuneAttack):
     """Continued / reconfigured harmful fine-tuning (see the module docstring)."""

@@ -211,6 +211,23 @@ def _differing(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".") or "(whole config)"]
 
 
+def _as_today(name: str, stored: Any) -> Any:
+    """A run's stored config read by today's config class, so options added since it ran take their defaults.
+
+    An option is added with a default that keeps the earlier behaviour (TAR's ``tr_loss`` defaults to the entropy
+    form it had before), so a run from before that option is the run the matrix would train. A stored config that
+    today's class rejects (an option since removed) is compared as stored, and differs.
+    """
+    from tunesec.defenses.base import get_defense
+
+    if not isinstance(stored, dict):
+        return stored
+    try:
+        return get_defense(name, dict(stored)).config.model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - any rejection means "not today's config"; the comparison then names the keys
+        return stored
+
+
 def check_defend_run(path: str, name: str, stage: str, model: str, config: dict[str, Any]) -> None:
     """A run given in ``defended`` must be a finished defend run of exactly this defense, base model and config."""
     where = f"defended.{name}: {path}"
@@ -231,7 +248,7 @@ def check_defend_run(path: str, name: str, stage: str, model: str, config: dict[
         raise UsageError(f"{where}: a run of defense {spec.get('defense')!r}, not {name!r}")
     if spec.get("model") != model:
         raise UsageError(f"{where}: trained from {spec.get('model')!r}; this matrix's defenses start from {model!r}")
-    keys = _differing(spec.get("config"), config)
+    keys = _differing(_as_today(name, spec.get("config")), config)
     if keys:
         shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
         raise UsageError(f"{where}: its config differs from this matrix's defense config at {shown}")
