@@ -30,7 +30,8 @@ directory for resume). CPU-sized (the paper: K = 64 inner steps, a meta-gradient
 A100s, ~81 forward-backward passes per step): K = 2 inner steps with one meta-gradient at the last, adversary
 learning rates {1e-4, 5e-4, 1e-3} (the LoRA attack's 5e-4 in the middle; the paper's {2e-6, 2e-5, 4e-5} are for
 full fine-tuning), about 4.3 passes per step. The recipe's 155 steps project to about 36 minutes on the 2-core machine
-of 2026-12-02 (8-step benchmark) but ran at 42 s per step (about 110 minutes) on an AVX2-only one (docs/DEFENSES.md).
+of 2026-12-02 (8-step benchmark) but ran at 31-42 s per step (about 90 minutes) on AVX2-only ones, and the dpo form
+(about 6 passes: the start model's log-probs at the attacked weights too) at 46.6 s (120 minutes; docs/DEFENSES.md).
 """
 
 from __future__ import annotations
