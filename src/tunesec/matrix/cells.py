@@ -224,7 +224,7 @@ def _as_today(name: str, stored: Any) -> Any:
         return stored
     try:
         return get_defense(name, dict(stored)).config.model_dump(mode="json")
-    except Exception:  # noqa: BLE001 - any rejection means "not today's config"; the comparison then names the keys
+    except (UsageError, ValueError):  # rejected (pydantic's errors are ValueErrors): compared as stored
         return stored
 
 
