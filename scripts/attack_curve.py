@@ -78,19 +78,24 @@ def curve(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")
 
 
-def plot(files: list[Path], target: Path) -> None:
-    """Harmful rate (with its interval band) against attack steps, one line per curve file."""
+def plot(files: list[Path], target: Path, labels: list[str] | None = None) -> None:
+    """Harmful rate (with its interval band) against attack steps, one line per curve file.
+
+    Lines are named by ``labels`` (in file order) or else by each file's folder.
+    """
+    if labels is not None and len(labels) != len(files):
+        sys.exit(f"--labels: {len(labels)} names for {len(files)} curve files")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for f in files:
+    for i, f in enumerate(files):
         data = json.loads(Path(f).read_text())
         pts = data["points"]
         x = [p["step"] for p in pts]
-        ax.plot(x, [p["harmful_rate"]["value"] for p in pts], marker="o", label=Path(f).parent.name)
+        ax.plot(x, [p["harmful_rate"]["value"] for p in pts], marker="o", label=labels[i] if labels else Path(f).parent.name)
         ax.fill_between(
             x, [p["harmful_rate"]["ci_low"] for p in pts], [p["harmful_rate"]["ci_high"] for p in pts], alpha=0.15
         )
@@ -112,9 +117,10 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--plot", nargs="+", type=Path, help="curve.json files to draw together into --out (a .png)")
+    p.add_argument("--labels", nargs="+", help="with --plot: one legend name per curve file, in order")
     args = p.parse_args()
     if args.plot:
-        plot(args.plot, Path(args.out))
+        plot(args.plot, Path(args.out), args.labels)
         return
     if not args.model:
         sys.exit("--model is required (or --plot)")
